@@ -1,0 +1,251 @@
+"""The `melange` command: solve allocations offline, manage GPU profiles, run the operator.
+
+Exit codes are part of the interface: 0 solved, 1 infeasible (the reason on stderr), 2 invalid input
+(every error on stderr, one per line; click's own usage errors use 2 as well).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+import yaml
+
+from melange import __version__, api, perfmodel, profiles, report, solver
+from melange.profiles import build as profile_build
+
+EXIT_INFEASIBLE = 1
+EXIT_INVALID = 2
+
+
+def _fail(lines: list[str], code: int) -> NoReturn:
+    for line in lines:
+        click.echo(f"error: {line}", err=True)
+    sys.exit(code)
+
+
+def _read_input(path: str) -> api.Allocation:
+    """Read a manifest from a file or stdin (`-`); every problem with it exits 2."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        _fail([f"{path}: cannot read: {exc.strerror or exc}"], EXIT_INVALID)
+    try:
+        return api.load_text(text, source=path)
+    except api.SpecError as exc:
+        _fail([str(e) for e in exc.errors], EXIT_INVALID)
+
+
+def _dump(data: Any, output: str) -> str:
+    if output == "json":
+        return json.dumps(data, indent=2) + "\n"
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="melange")
+def main() -> None:
+    """Keep LLM serving on the cheapest mix of GPU types that meets the latency SLO.
+
+    `solve` plans offline from a MelangeAllocation file; `profiles` lists and estimates GPU throughput
+    profiles; `run` starts the Kubernetes operator.
+    """
+
+
+@main.command()
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+    help="Output format; json and yaml hold the full plan including the per-bucket assignment.",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, max_open=False),
+    help="Total request rate in req/s, instead of spec.workload.totalRate.",
+)
+@click.option(
+    "--slice-factor",
+    type=click.IntRange(1, api.MAX_SLICE_FACTOR),
+    help="Slices per bucket, instead of spec.sliceFactor.",
+)
+@click.option(
+    "--solver",
+    "backend",
+    type=click.Choice(list(solver.BACKENDS)),
+    default=solver.DEFAULT_BACKEND,
+    show_default=True,
+    help="MILP backend: HiGHS (in process) or CBC (bundled with PuLP).",
+)
+@click.option(
+    "--time-limit",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    show_default=True,
+    help="Seconds the solver may search; past it the best plan found is printed as 'Feasible' "
+    "with its gap to the lower bound.",
+)
+def solve(
+    file: str,
+    output: str,
+    rate: float | None,
+    slice_factor: int | None,
+    backend: solver.Backend,
+    time_limit: float,
+) -> None:
+    """Print the cheapest plan for the allocation in FILE ('-' reads stdin).
+
+    FILE is a MelangeAllocation manifest, or its bare spec, in YAML or JSON. The plan gives the
+    replicas per GPU type, the cost per hour, the LP lower bound, and the saving against the best
+    single-GPU-type plan. Exits 0 when solved (status Optimal, or Feasible when the time limit cut
+    the search short), 1 when infeasible, 2 when the input is invalid.
+    """
+    allocation = _read_input(file)
+    if rate is not None and math.isnan(rate):  # NaN passes FloatRange
+        _fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
+    problem = solver.Problem.from_spec(allocation.spec, rate=rate, slice_factor=slice_factor)
+    plan = solver.solve(problem, backend=backend, time_limit=time_limit)
+    if output == "table":
+        click.echo(report.render_table(plan), nl=False)
+    else:
+        click.echo(_dump(report.plan_to_dict(plan), output), nl=False)
+    if not plan.solved:
+        _fail([f"infeasible: {plan.reason}"], EXIT_INFEASIBLE)
+
+
+@main.group("profiles")
+def profiles_group() -> None:
+    """GPU throughput profiles: the shipped library, and first-order estimates for new set-ups.
+
+    A profile is a `spec.gpus[]` entry (name, costPerHour, throughput) for one model, GPU type and
+    time-per-output-token SLO. The shipped ones are estimates (see `melange profiles show`), to be
+    replaced by measurements when you have them.
+    """
+
+
+@profiles_group.command("list")
+def profiles_list() -> None:
+    """List the shipped profiles."""
+    rows = [
+        [
+            p.name,
+            p.gpu,
+            p.model,
+            f"{p.tpot_seconds * 1000:g} ms",
+            f"{p.cost_per_hour:.2f}",
+            p.source,
+        ]
+        for p in profiles.list_profiles()
+    ]
+    header = ["PROFILE", "GPU", "MODEL", "TPOT SLO", "COST/H", "SOURCE"]
+    for line in report.format_table(header, rows):
+        click.echo(line)
+
+
+_FORMAT = click.option(
+    "-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
+)
+
+
+@profiles_group.command("show")
+@click.argument("name")
+@_FORMAT
+@click.option(
+    "--entry-only",
+    is_flag=True,
+    help="Print just the spec.gpus[] entry (name, costPerHour, throughput) to paste into a spec.",
+)
+def profiles_show(name: str, output: str, entry_only: bool) -> None:
+    """Print the profile NAME (see `melange profiles list`) with the inputs it was estimated from."""
+    try:
+        profile = profiles.load_profile(name)
+    except profiles.UnknownProfileError as exc:
+        _fail([str(exc)], EXIT_INVALID)
+    click.echo(_dump(profiles.gpu_entry(profile) if entry_only else profile, output), nl=False)
+
+
+def _edges(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        edges = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {value!r}") from None
+    if len(edges) < 2 or edges[0] < 1 or any(b <= a for a, b in itertools.pairwise(edges)):
+        raise click.BadParameter(
+            f"must be at least 2 strictly increasing integers >= 1, got {value!r}"
+        )
+    return edges
+
+
+@profiles_group.command("estimate")
+@click.option("--gpu", type=click.Choice(sorted(perfmodel.GPUS)), required=True, help="GPU type.")
+@click.option(
+    "--model",
+    type=click.Choice(sorted(perfmodel.MODELS)),
+    default=perfmodel.SHIPPED_MODEL,
+    show_default=True,
+    help="Model architecture.",
+)
+@click.option(
+    "--tpot-ms",
+    type=click.FloatRange(min=0, min_open=True, max=10000),
+    required=True,
+    help="SLO on the time per output token, in milliseconds.",
+)
+@click.option(
+    "--input-edges",
+    help="Input-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_INPUT_EDGES))}].",
+)
+@click.option(
+    "--output-edges",
+    help="Output-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_OUTPUT_EDGES))}].",
+)
+@click.option(
+    "--cost-per-hour", type=click.FloatRange(min=0, min_open=True), help="Override the price."
+)
+@_FORMAT
+def profiles_estimate(
+    gpu: str,
+    model: str,
+    tpot_ms: float,
+    input_edges: str | None,
+    output_edges: str | None,
+    cost_per_hour: float | None,
+    output: str,
+) -> None:
+    """Estimate a profile with the first-order performance model (melange.perfmodel).
+
+    Prefill is bound by the GPU's FLOP/s, decode by its memory bandwidth, and the batch by the
+    memory left for the KV cache after the weights and by the SLO; each bucket is represented by the
+    geometric midpoint of its edges. The output records every input, labelled as an estimate.
+    """
+    spec = perfmodel.GPUS[gpu]
+    if cost_per_hour is not None:
+        spec = dataclasses.replace(spec, cost_per_hour=cost_per_hour)
+    profile = perfmodel.build_profile(
+        spec,
+        perfmodel.MODELS[model],
+        tpot_ms / 1000,
+        _edges(input_edges),
+        _edges(output_edges),
+    )
+    click.echo(
+        profile_build.render_profile(profile) if output == "yaml" else _dump(profile, output),
+        nl=False,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what it needs, then lint, types and tests.
+# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k solver`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python3 -m venv .venv
+.venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip
+.venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+
+# Real kube-apiserver, etcd and helm for the end-to-end tests, built from Go modules and cached
+# outside the tree (the first build takes a while; later runs reuse the binaries).
+bash tests/controlplane/build.sh
+
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+.venv/bin/mypy
+.venv/bin/lint-imports
+.venv/bin/pytest "$@"

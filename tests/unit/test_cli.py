@@ -1,0 +1,184 @@
+"""The installed `melange` command, run as a user runs it: outputs, exit codes, messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
+
+
+def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MELANGE, *args], input=stdin, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+SMALL = """
+spec:
+  buckets: {inputTokens: [1, 100, 1000, 16000], outputTokens: [1, 100, 1000]}
+  workload: {distribution: [[16, 6], [6, 3], [2, 1]], totalRate: 34}
+  gpus:
+  - {name: L4, costPerHour: 0.8, throughput: [[20, 6], [8, 2], [1, 0]]}
+  - {name: A100, costPerHour: 3.7, throughput: [[60, 25], [40, 12], [10, 4]]}
+"""
+
+
+def test_table_output() -> None:
+    result = run("solve", "-", stdin=SMALL)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["GPU", "REPLICAS", "COST/H", "UTILIZATION"]
+    assert lines[1].split()[:3] == ["L4", "2", "1.60"]
+    assert lines[2].split()[:3] == ["A100", "1", "3.70"]
+    assert lines[3].split() == ["total", "3", "5.30"]
+    assert "best single type: A100 x2 at 7.40/h; saving 28.4%" in result.stdout
+    assert "lower bound:" in result.stdout
+    assert result.stderr == ""
+
+
+def test_json_output_shape() -> None:
+    result = run("solve", "-", "-o", "json", stdin=SMALL)
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
+    assert plan["status"] == "Optimal"
+    assert plan["costPerHour"] == pytest.approx(5.3)
+    assert plan["lowerBound"] <= plan["costPerHour"]
+    assert [(g["name"], g["replicas"]) for g in plan["gpus"]] == [("L4", 2), ("A100", 1)]
+    assert set(plan["gpus"][0]) == {"name", "replicas", "costPerHour", "utilization"}
+    assert {"gpu": "A100", "replicas": 2, "costPerHour": 7.4} in plan["baselines"]
+    assert isinstance(plan["solveSeconds"], float)
+    for bucket in plan["assignment"]:
+        assert sum(s["fraction"] for s in bucket["shares"]) == pytest.approx(1.0)
+
+
+def test_yaml_output_and_overrides() -> None:
+    result = run(
+        "solve",
+        "-",
+        "-o",
+        "yaml",
+        "--rate",
+        "68",
+        "--slice-factor",
+        "4",
+        "--solver",
+        "cbc",
+        stdin=SMALL,
+    )
+    assert result.returncode == 0, result.stderr
+    plan = yaml.safe_load(result.stdout)
+    assert plan["totalRate"] == 68
+    assert plan["solver"] == "cbc"
+    fractions = {s["fraction"] for b in plan["assignment"] for s in b["shares"]}
+    assert fractions <= {0.25, 0.5, 0.75, 1.0}
+
+
+def test_zero_rate_solves_to_minimums() -> None:
+    result = run("solve", "-", "-o", "json", "--rate", "0", stdin=SMALL)
+    assert result.returncode == 0
+    assert json.loads(result.stdout)["costPerHour"] == 0
+
+
+def test_infeasible_exits_1_with_reason() -> None:
+    capped = SMALL.replace("costPerHour: 3.7,", "costPerHour: 3.7, maxReplicas: 0,")
+    result = run("solve", "-", stdin=capped)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "error: infeasible: the demand of 34 req/s does not fit within maxReplicas of "
+        "A100 (maxReplicas 0)"
+    )
+
+
+def test_unservable_bucket_exits_1() -> None:
+    only_l4 = SMALL.split("  - {name: A100", maxsplit=1)[0]
+    result = run("solve", "-", "-o", "json", stdin=only_l4)
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["status"] == "Infeasible"
+    assert "no GPU type can serve input 1000-16000, output 100-1000 tokens" in result.stderr
+
+
+def test_invalid_input_exits_2_with_every_error() -> None:
+    broken = SMALL.replace("[[20, 6], [8, 2], [1, 0]]", "[[20, 6], [8, -2]]").replace(
+        "totalRate: 34", "totalRate: -1"
+    )
+    result = run("solve", "-", stdin=broken)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: spec.workload.totalRate: must be >= 0, got -1",
+        "error: spec.gpus[0].throughput[1][1]: must be >= 0, got -2",
+        "error: spec.gpus[0].throughput: must have 3 rows (one per input bucket), got 2",
+    ]
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    result = run("solve", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 2
+    assert "nope.yaml" in result.stderr
+
+
+def test_bad_option_exits_2() -> None:
+    result = run("solve", "-", "--slice-factor", "0", stdin=SMALL)
+    assert result.returncode == 2
+    assert "--slice-factor" in result.stderr
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_examples_solve(example: str) -> None:
+    result = run("solve", str(EXAMPLES / example))
+    assert result.returncode == 0, result.stderr
+    assert "status:       Optimal" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["solve"],
+        ["profiles"],
+        ["profiles", "list"],
+        ["profiles", "show"],
+        ["profiles", "estimate"],
+    ],
+)
+def test_help_is_complete(args: list[str]) -> None:
+    result = run(*args, "--help")
+    assert result.returncode == 0
+    assert "Usage: melange" in result.stdout
+    assert len(result.stdout.splitlines()) > 4
+
+
+def test_profiles_list_show_estimate() -> None:
+    listing = run("profiles", "list")
+    assert listing.returncode == 0
+    assert "llama-3.1-8b/h100/tpot-40ms" in listing.stdout
+    shown = yaml.safe_load(run("profiles", "show", "llama-3.1-8b/a10g/tpot-120ms").stdout)
+    assert shown["name"] == "A10G"
+    assert shown["source"] == "estimate"
+    entry = json.loads(
+        run("profiles", "show", "llama-3.1-8b/a10g/tpot-120ms", "--entry-only", "-o", "json").stdout
+    )
+    assert set(entry) == {"name", "costPerHour", "throughput"}
+    estimated = yaml.safe_load(
+        run("profiles", "estimate", "--gpu", "A10G", "--tpot-ms", "120").stdout
+    )
+    assert estimated["throughput"] == shown["throughput"]
+
+
+def test_profiles_errors() -> None:
+    unknown = run("profiles", "show", "nope")
+    assert unknown.returncode == 2
+    assert "unknown profile 'nope'; available: llama-3.1-8b/" in unknown.stderr
+    bad_edges = run(
+        "profiles", "estimate", "--gpu", "L4", "--tpot-ms", "50", "--input-edges", "5,3"
+    )
+    assert bad_edges.returncode == 2
+    assert "must be at least 2 strictly increasing integers" in bad_edges.stderr
