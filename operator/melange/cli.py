@@ -247,5 +247,62 @@ def profiles_estimate(
     )
 
 
+@main.command()
+@click.option(
+    "-n",
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Namespace to watch (repeatable; glob patterns allowed). Without it: all namespaces.",
+)
+@click.option(
+    "--peering",
+    help="Join this Kopf peering for active/standby replicas (needs the peering CRDs); "
+    "without it the operator runs standalone.",
+)
+@click.option("--priority", type=int, default=0, show_default=True, help="Priority in the peering.")
+@click.option(
+    "--liveness",
+    metavar="URL",
+    help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Kubeconfig file; default: in-cluster credentials, else $KUBECONFIG or ~/.kube/config.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def run(
+    namespaces: tuple[str, ...],
+    peering: str | None,
+    priority: int,
+    liveness: str | None,
+    kubeconfig: str | None,
+    verbose: bool,
+) -> None:
+    """Run the operator: reconcile MelangeAllocations and scale their node pools.
+
+    Runs until interrupted (SIGINT/SIGTERM). Deleting an allocation leaves its node pools as they
+    are; the operator puts no finalizer on allocations.
+    """
+    import os
+
+    import kopf
+
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig
+    from melange import handlers  # noqa: F401  (registers the handlers)
+
+    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
+    kopf.run(
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        standalone=peering is None,
+        peering_name=peering,
+        priority=priority,
+        liveness_endpoint=liveness,
+    )
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

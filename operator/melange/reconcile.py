@@ -1,0 +1,129 @@
+"""What a reconcile decides, without doing it: target replicas, the status, the conditions.
+
+The handlers do the I/O (solve off the event loop, read and patch node pools, write status, post
+Events) and call these pure functions in between, so every decision is unit-tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from melange import report
+from melange.api import AllocationSpec, FieldError, GpuType
+from melange.conditions import READY, SCALED, SOLVED, Condition, timestamp
+from melange.solver import Plan
+
+
+@dataclass(frozen=True)
+class ScaleOutcome:
+    """What happened to one GPU type's node pool."""
+
+    gpu: str
+    target: str  # "MachineDeployment/gpu-a10g", as people name objects
+    desired: int
+    previous: int | None = None  # None when it could not be read
+    patched: bool = False
+    error: str | None = None
+
+
+def target_name(gpu: GpuType) -> str:
+    ref = gpu.scale_target_ref
+    return f"{ref.kind}/{ref.name}" if ref else f"(no scaleTargetRef for {gpu.name})"
+
+
+def operator_errors(spec: AllocationSpec) -> list[FieldError]:
+    """Rules the operator adds to the spec's own: every GPU type needs a node pool to scale."""
+    return [
+        FieldError(f"spec.gpus[{k}].scaleTargetRef", "is required")
+        for k, gpu in enumerate(spec.gpus)
+        if gpu.scale_target_ref is None
+    ]
+
+
+def desired_replicas(spec: AllocationSpec, plan: Plan) -> dict[str, int]:
+    """The plan's replicas, never below `minReplicas` nor above `maxReplicas`."""
+    planned = plan.replicas()
+    result = {}
+    for gpu in spec.gpus:
+        replicas = max(planned.get(gpu.name, 0), gpu.min_replicas)
+        if gpu.max_replicas is not None:
+            replicas = min(replicas, gpu.max_replicas)
+        result[gpu.name] = replicas
+    return result
+
+
+def plan_status(plan: Plan, now: datetime) -> dict[str, Any]:
+    """The plan as `status` fields (lists keyed by name, numbers rounded for stable output)."""
+    data = report.plan_to_dict(plan)
+    return {
+        "planStatus": plan.status,
+        "costPerHour": data["costPerHour"],
+        "lowerBound": data["lowerBound"],
+        "totalReplicas": sum(g.replicas for g in plan.gpus),
+        "solvedRate": data["totalRate"],
+        "gpus": data["gpus"],
+        "assignment": data["assignment"],
+        "lastSolveTime": timestamp(now),
+        "solveSeconds": data["solveSeconds"],
+    }
+
+
+def invalid_conditions(errors: Sequence[FieldError]) -> list[Condition]:
+    message = "; ".join(str(e) for e in errors)
+    return [
+        Condition(READY, "False", "InvalidSpec", message),
+        Condition(SOLVED, "False", "InvalidSpec", "the spec is invalid; nothing was solved"),
+        Condition(SCALED, "Unknown", "InvalidSpec", "node pools were left as they are"),
+    ]
+
+
+def infeasible_conditions(plan: Plan) -> list[Condition]:
+    message = plan.reason or "no plan serves the workload"
+    return [
+        Condition(READY, "False", "Infeasible", message),
+        Condition(SOLVED, "False", "Infeasible", message),
+        Condition(SCALED, "Unknown", "Infeasible", "node pools were left as they are"),
+    ]
+
+
+def _solved_condition(plan: Plan) -> Condition:
+    gap = plan.gap or 0.0
+    cost = plan.cost_per_hour or 0.0
+    verdict = "optimal" if plan.status == "Optimal" else "best found within the time limit"
+    return Condition(
+        SOLVED,
+        "True",
+        plan.status,
+        f"{verdict}: {cost:.2f}/h for {plan.total_rate:.4g} req/s "
+        f"(lower bound {plan.lower_bound or 0:.2f}/h, gap {gap:.1%})",
+    )
+
+
+def plan_conditions(plan: Plan, outcomes: Sequence[ScaleOutcome], dry_run: bool) -> list[Condition]:
+    """Conditions after a successful solve: Solved, then Scaled from the per-pool outcomes."""
+    solved = _solved_condition(plan)
+    if dry_run:
+        return [
+            Condition(
+                READY, "True", "DryRun", "planned; dryRun is set, so no node pool is patched"
+            ),
+            solved,
+            Condition(SCALED, "False", "DryRun", "dryRun is set: no node pool was patched"),
+        ]
+    failed = [o for o in outcomes if o.error]
+    if failed:
+        message = "; ".join(f"{o.target} ({o.gpu}): {o.error}" for o in failed)
+        return [
+            Condition(READY, "False", "ScaleFailed", message),
+            solved,
+            Condition(SCALED, "False", "ScaleFailed", message),
+        ]
+    summary = ", ".join(f"{o.gpu}={o.desired}" for o in outcomes)
+    return [
+        Condition(READY, "True", "Reconciled", f"node pools match the plan: {summary}"),
+        solved,
+        Condition(SCALED, "True", "Scaled", f"node pools match the plan: {summary}"),
+    ]

@@ -1,0 +1,496 @@
+"""A real Kubernetes control plane (etcd + kube-apiserver) for end-to-end tests.
+
+Why this exists: the operator's behaviour that matters (RBAC, the ``/scale``
+subresource, watches, admission, server-side validation) is only trustworthy
+against a real API server, and no cluster, Docker or release download is
+available here. ``tests/controlplane/build.sh`` builds etcd, kube-apiserver and
+helm from Go modules into a cache outside the repo; this module starts the two
+servers on free loopback ports with freshly generated credentials and hands the
+test a kubeconfig.
+
+There is no kubelet, scheduler or controller-manager: Deployments get no
+ReplicaSets or Pods, namespaces never finish deleting and nothing is garbage
+collected. Use a fresh namespace per test and assert on objects, not on pods.
+
+Usage::
+
+    with ControlPlane() as cp:
+        client = kubernetes.config.new_client_from_config(str(cp.kubeconfig_path))
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import secrets
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from base64 import b64encode
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "ADMIN_GROUP",
+    "ADMIN_USER",
+    "BUILD_HINT",
+    "ControlPlane",
+    "ControlPlaneError",
+    "MissingBinaryError",
+    "default_bin_dir",
+]
+
+#: How a developer gets the binaries; quoted in every "missing binary" error.
+BUILD_HINT = "run `bash tests/controlplane/build.sh`"
+#: The static-token user. ``system:masters`` bypasses RBAC, like cluster-admin.
+ADMIN_USER = "melange-admin"
+ADMIN_GROUP = "system:masters"
+#: How much of each process log goes into a startup error.
+_LOG_TAIL_CHARS = 6000
+
+
+class ControlPlaneError(RuntimeError):
+    """The control plane could not be started (the message includes the logs)."""
+
+
+class MissingBinaryError(ControlPlaneError, FileNotFoundError):
+    """A binary built by ``build.sh`` is not where the harness looks for it."""
+
+
+def default_bin_dir() -> Path:
+    """Return the binary cache that ``build.sh`` fills (``$MELANGE_TEST_BIN`` or the default).
+
+    The same default lives in build.sh, so both agree without configuration.
+    """
+    env = os.environ.get("MELANGE_TEST_BIN")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "melange-operator" / "bin"
+
+
+def _find_binaries(bin_dir: Path, *names: str) -> list[Path]:
+    """Return ``bin_dir/current/<name>`` for each name, or raise naming every missing one.
+
+    Listing all missing binaries at once saves a build-run-fail round trip.
+    """
+    paths = [bin_dir / "current" / name for name in names]
+    missing = [p for p in paths if not (p.is_file() and os.access(p, os.X_OK))]
+    if missing:
+        what = ", ".join(f"{p.name} (expected at {p})" for p in missing)
+        raise MissingBinaryError(
+            f"missing test binary: {what}; "
+            f"MELANGE_TEST_BIN={os.environ.get('MELANGE_TEST_BIN', '<unset>')}; "
+            f"{BUILD_HINT} to build it"
+        )
+    return paths
+
+
+def _free_ports(count: int) -> list[int]:
+    """Pick ``count`` distinct free TCP ports on 127.0.0.1.
+
+    All sockets are held open until every port is chosen so the kernel cannot
+    hand out the same port twice. There is a small window before the servers
+    bind them; a collision shows up as a startup error with the log.
+    """
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _write(path: Path, data: bytes, mode: int = 0o600) -> Path:
+    path.write_bytes(data)
+    path.chmod(mode)
+    return path
+
+
+class _Credentials:
+    """Generated CA, serving certificate, service-account key pair and admin token.
+
+    Generated per run rather than checked in, so no key material lives in the
+    repo and clients verify TLS against a real CA (no insecure-skip-tls-verify).
+    """
+
+    def __init__(self, directory: Path) -> None:
+        now = datetime.datetime.now(datetime.UTC)
+        not_before = now - datetime.timedelta(minutes=5)
+        not_after = now + datetime.timedelta(days=1)
+
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "melange-test-ca")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        serving_key = ec.generate_private_key(ec.SECP256R1())
+        serving_cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(ca_name)
+            .public_key(serving_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+
+        # kube-apiserver signs service-account tokens with this key (TokenRequest
+        # works without a controller-manager); RSA is what it expects by default.
+        sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+        self.ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+        self.ca_path = _write(directory / "ca.crt", self.ca_pem, 0o644)
+        self.cert_path = _write(
+            directory / "apiserver.crt", serving_cert.public_bytes(serialization.Encoding.PEM)
+        )
+        self.key_path = _write(directory / "apiserver.key", _pem_key(serving_key))
+        self.sa_key_path = _write(directory / "sa.key", _pem_key(sa_key))
+        self.sa_pub_path = _write(
+            directory / "sa.pub",
+            sa_key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ),
+        )
+        self.token = secrets.token_urlsafe(32)
+        # Static token file: token,user,uid,"group1,group2". Still supported, and the
+        # simplest way to get an admin without client certificates.
+        self.token_file = _write(
+            directory / "tokens.csv",
+            f'{self.token},{ADMIN_USER},uid-{ADMIN_USER},"{ADMIN_GROUP}"\n'.encode(),
+        )
+
+
+class _Process:
+    """A server process whose stdout+stderr go to a log file, so failures can show it."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self._log: IO[bytes] = log_path.open("wb")
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
+        )
+
+    def log_tail(self) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace")
+        return text[-_LOG_TAIL_CHARS:]
+
+    def stop(self, timeout: float) -> None:
+        """Terminate (SIGTERM lets etcd and the apiserver shut down), then kill."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=timeout)
+        self._log.close()
+
+
+class ControlPlane:
+    """etcd + kube-apiserver on loopback, with a generated CA and an admin token.
+
+    Attributes available after start (or inside ``with``):
+
+    * ``server``: ``https://127.0.0.1:PORT``
+    * ``token``: bearer token of ``melange-admin`` (group ``system:masters``)
+    * ``ca_path``: PEM CA certificate that signed the serving certificate
+    * ``kubeconfig_path``: kubeconfig with server, CA data and token
+    * ``etcd_url``, ``workdir``, ``kube_apiserver``, ``etcd``, ``helm`` (binary paths)
+    """
+
+    def __init__(
+        self,
+        bin_dir: Path | None = None,
+        *,
+        startup_timeout: float = 90.0,
+        stop_timeout: float = 15.0,
+        extra_apiserver_args: list[str] | None = None,
+    ) -> None:
+        """Locate the binaries now, so a missing build fails before anything starts.
+
+        ``startup_timeout`` is generous because a cold kube-apiserver on 2 cores
+        takes several seconds to install its bootstrap RBAC and API groups.
+        """
+        self.bin_dir = bin_dir if bin_dir is not None else default_bin_dir()
+        self.etcd, self.kube_apiserver = _find_binaries(self.bin_dir, "etcd", "kube-apiserver")
+        # helm is optional for the control plane itself; expose it when present.
+        helm = self.bin_dir / "current" / "helm"
+        self.helm: Path | None = helm if helm.is_file() else None
+        self.startup_timeout = startup_timeout
+        self.stop_timeout = stop_timeout
+        self.extra_apiserver_args = list(extra_apiserver_args or [])
+
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._etcd: _Process | None = None
+        self._apiserver: _Process | None = None
+        self.workdir = Path()
+        self.server = ""
+        self.etcd_url = ""
+        self.token = ""
+        self.ca_path = Path()
+        self.kubeconfig_path = Path()
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    def __enter__(self) -> ControlPlane:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start etcd, then kube-apiserver, and wait until both are healthy.
+
+        On any failure everything already started is stopped before the error
+        propagates, so a failed start never leaks processes.
+        """
+        if self._tmp is not None:
+            raise ControlPlaneError("ControlPlane already started")
+        self._tmp = tempfile.TemporaryDirectory(prefix="melange-controlplane-")
+        self.workdir = Path(self._tmp.name)
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
+        creds = _Credentials(self.workdir)
+        self.token = creds.token
+        self.ca_path = creds.ca_path
+        etcd_port, peer_port, api_port = _free_ports(3)
+        self.etcd_url = f"http://127.0.0.1:{etcd_port}"
+        peer_url = f"http://127.0.0.1:{peer_port}"
+        self.server = f"https://127.0.0.1:{api_port}"
+
+        self._etcd = _Process(
+            "etcd",
+            [
+                str(self.etcd),
+                "--name=melange-test",
+                f"--data-dir={self.workdir / 'etcd'}",
+                f"--listen-client-urls={self.etcd_url}",
+                f"--advertise-client-urls={self.etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=melange-test={peer_url}",
+                # Test data is throwaway: skipping fsync makes etcd much faster.
+                "--unsafe-no-fsync=true",
+                "--log-level=warn",
+            ],
+            self.workdir / "etcd.log",
+        )
+        deadline = time.monotonic() + self.startup_timeout
+        self._wait_ready(self._etcd, f"{self.etcd_url}/health", deadline, self._etcd_healthy)
+
+        self._apiserver = _Process(
+            "kube-apiserver",
+            [
+                str(self.kube_apiserver),
+                f"--etcd-servers={self.etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                f"--cert-dir={self.workdir / 'certs'}",
+                f"--tls-cert-file={creds.cert_path}",
+                f"--tls-private-key-file={creds.key_path}",
+                f"--token-auth-file={creds.token_file}",
+                # RBAC so that tests of the chart's Role/ClusterRole mean something.
+                "--authorization-mode=RBAC",
+                # Required: the apiserver refuses to start without an issuer and keys.
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={creds.sa_pub_path}",
+                f"--service-account-signing-key-file={creds.sa_key_path}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                # No controller-manager creates the default ServiceAccount, so this
+                # plugin would reject every pod; envtest disables it for the same reason.
+                "--disable-admission-plugins=ServiceAccount",
+                "--allow-privileged=true",
+                "--profiling=false",
+                *self.extra_apiserver_args,
+            ],
+            self.workdir / "kube-apiserver.log",
+        )
+        self._wait_ready(self._apiserver, f"{self.server}/readyz", deadline, self._apiserver_ready)
+        self.kubeconfig_path = self._write_kubeconfig(creds)
+
+    def stop(self) -> None:
+        """Stop kube-apiserver, then etcd (reverse start order), and delete the workdir."""
+        for proc in (self._apiserver, self._etcd):
+            if proc is not None:
+                proc.stop(self.stop_timeout)
+        self._apiserver = self._etcd = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # -- helpers -----------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        """Environment for subprocesses (kubectl, helm, ``kopf run``) that use this cluster."""
+        return {**os.environ, "KUBECONFIG": str(self.kubeconfig_path)}
+
+    def logs(self) -> str:
+        """The tail of both process logs, for assertion messages."""
+        parts = [
+            f"--- {p.name} log ({p.log_path}) ---\n{p.log_tail()}"
+            for p in (self._etcd, self._apiserver)
+            if p is not None
+        ]
+        return "\n".join(parts)
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.ca_path))
+
+    def _etcd_healthy(self, url: str) -> bool:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            body = json.loads(resp.read())
+        return bool(body.get("health") == "true")
+
+    def _apiserver_ready(self, url: str) -> bool:
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(request, timeout=5, context=self._ssl_context()) as resp:
+            return bool(resp.status == 200)
+
+    def _wait_ready(
+        self,
+        proc: _Process,
+        url: str,
+        deadline: float,
+        probe: Callable[[str], bool],
+    ) -> None:
+        """Poll ``probe(url)`` until it is true, the process dies, or the deadline passes."""
+        last_error = "not polled yet"
+        while True:
+            code = proc.popen.poll()
+            if code is not None:
+                raise ControlPlaneError(
+                    f"{proc.name} exited with code {code} during startup\n{self.logs()}"
+                )
+            try:
+                if probe(url):
+                    return
+                last_error = "probe returned not ready"
+            except urllib.error.HTTPError as err:
+                # /readyz answers 500 with the failing checks while it starts up.
+                last_error = f"HTTP {err.code}: {err.read()[-500:].decode(errors='replace')}"
+            except (OSError, ValueError) as err:
+                last_error = repr(err)
+            if time.monotonic() > deadline:
+                raise ControlPlaneError(
+                    f"{proc.name} not ready at {url} within {self.startup_timeout:.0f}s "
+                    f"(last error: {last_error})\n{self.logs()}"
+                )
+            time.sleep(0.25)
+
+    def _write_kubeconfig(self, creds: _Credentials) -> Path:
+        """Write a kubeconfig for the admin token, with the CA inline (no file refs)."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "melange-test",
+                    "cluster": {
+                        "server": self.server,
+                        "certificate-authority-data": b64encode(creds.ca_pem).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": ADMIN_USER, "user": {"token": self.token}}],
+            "contexts": [
+                {
+                    "name": "melange-test",
+                    "context": {"cluster": "melange-test", "user": ADMIN_USER},
+                }
+            ],
+            "current-context": "melange-test",
+        }
+        return _write(self.workdir / "kubeconfig", yaml.safe_dump(config, sort_keys=False).encode())
+
+    def version(self) -> str:
+        """``kube-apiserver --version`` output, e.g. ``Kubernetes v1.36.3``."""
+        out = subprocess.run(
+            [str(self.kube_apiserver), "--version"],
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return out.stdout.strip()

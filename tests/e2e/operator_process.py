@@ -1,0 +1,102 @@
+"""`melange run` as a separate process, as a user starts it, for e2e tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from tests.controlplane.harness import ControlPlane
+
+from .kube import eventually
+
+MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorProcess:
+    """`melange run` as a user starts it, watching one namespace, with its log kept for failures."""
+
+    def __init__(self, control_plane: ControlPlane, namespace: str, log_dir: Path) -> None:
+        self.control_plane = control_plane
+        self.namespace = namespace
+        self.log_path = log_dir / "operator.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+        self._log_file: IO[bytes] | None = None
+
+    def start(self) -> None:
+        port = _free_port()
+        self.starts += 1
+        with self.log_path.open("a") as marker:
+            marker.write(f"\n=== start {self.starts} ===\n")
+        log = self.log_path.open("ab")  # the child's; closed in stop()
+        self._log_file = log
+        self.process = subprocess.Popen(
+            [
+                MELANGE,
+                "run",
+                "-n",
+                self.namespace,
+                "-v",
+                "--kubeconfig",
+                str(self.control_plane.kubeconfig_path),
+                "--liveness",
+                f"http://127.0.0.1:{port}/healthz",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+        )
+
+        def alive() -> None:
+            assert self.process is not None
+            assert self.process.poll() is None, f"operator exited:\n{self.log()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                    assert r.status == 200
+            except OSError as exc:
+                raise AssertionError(str(exc)) from None
+
+        eventually(alive, timeout=60)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the operator process, from /proc."""
+        assert self.process is not None
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def log(self, since_start: int = 1) -> str:
+        """The log written since the given start (1 = all of it)."""
+        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return text.split(f"=== start {since_start} ===", 1)[-1]

@@ -1,0 +1,140 @@
+"""The operator's pure decisions: conditions, target replicas, status."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from melange import api, conditions, reconcile, solver
+from melange.conditions import Condition
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def spec(**gpu_overrides: Any) -> api.AllocationSpec:
+    gpus = [
+        {
+            "name": "L4",
+            "costPerHour": 0.8,
+            "throughput": [[20, 6], [8, 2]],
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "l4"},
+        },
+        {
+            "name": "A100",
+            "costPerHour": 3.7,
+            "throughput": [[60, 25], [40, 12]],
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "a100"},
+            **gpu_overrides,
+        },
+    ]
+    return api.validate_spec(
+        {
+            "buckets": {"inputTokens": [1, 100, 1000], "outputTokens": [1, 100, 1000]},
+            "workload": {"distribution": [[16, 6], [6, 3]], "totalRate": 31},
+            "gpus": gpus,
+        }
+    )
+
+
+def test_condition_keeps_transition_time_while_status_holds() -> None:
+    first = conditions.set_conditions(None, [Condition("Ready", "True", "Reconciled", "ok")], 1, T0)
+    later = T0 + timedelta(minutes=5)
+    second = conditions.set_conditions(
+        first, [Condition("Ready", "True", "Reconciled", "still ok")], 2, later
+    )
+    assert second == [
+        {
+            "type": "Ready",
+            "status": "True",
+            "observedGeneration": 2,
+            "lastTransitionTime": "2026-01-02T03:04:05Z",
+            "reason": "Reconciled",
+            "message": "still ok",
+        }
+    ]
+    third = conditions.set_conditions(
+        second, [Condition("Ready", "False", "Infeasible", "no")], 3, later
+    )
+    assert third[0]["lastTransitionTime"] == "2026-01-02T03:09:05Z"
+
+
+def test_conditions_are_ordered_and_others_kept() -> None:
+    existing = [{"type": "RateObserved", "status": "True", "reason": "Observed", "message": ""}]
+    result = conditions.set_conditions(
+        existing,
+        [Condition("Scaled", "True", "Scaled", ""), Condition("Ready", "True", "Reconciled", "")],
+        1,
+        T0,
+    )
+    assert [c["type"] for c in result] == ["Ready", "Scaled", "RateObserved"]
+
+
+def test_transitioned_on_status_or_reason_only() -> None:
+    before = [{"type": "Ready", "status": "False", "reason": "InvalidSpec", "message": "a"}]
+    assert not conditions.transitioned(before, Condition("Ready", "False", "InvalidSpec", "b"))
+    assert conditions.transitioned(before, Condition("Ready", "False", "Infeasible", "a"))
+    assert conditions.transitioned(before, Condition("Ready", "True", "InvalidSpec", "a"))
+    assert conditions.transitioned(None, Condition("Ready", "True", "Reconciled", ""))
+
+
+def _plan(**replicas: int) -> solver.Plan:
+    return solver.Plan(
+        status="Optimal",
+        gpus=tuple(solver.GpuResult(name, n, n * 1.0, 0.5, n / 2) for name, n in replicas.items()),
+    )
+
+
+def test_desired_replicas_respect_bounds() -> None:
+    bounded = spec(minReplicas=3, maxReplicas=5)
+    assert reconcile.desired_replicas(bounded, _plan(L4=2, A100=9)) == {"L4": 2, "A100": 5}
+    assert reconcile.desired_replicas(bounded, _plan(L4=0, A100=1)) == {"L4": 0, "A100": 3}
+    assert reconcile.desired_replicas(bounded, _plan(L4=4)) == {"L4": 4, "A100": 3}
+
+
+def test_missing_scale_target_is_an_operator_error() -> None:
+    allocation = spec(scaleTargetRef=None)
+    errors = reconcile.operator_errors(allocation)
+    assert [str(e) for e in errors] == ["spec.gpus[1].scaleTargetRef: is required"]
+
+
+def test_plan_status_fields() -> None:
+    plan = solver.solve_spec(spec())
+    status = reconcile.plan_status(plan, T0)
+    assert status["planStatus"] == "Optimal"
+    assert status["totalReplicas"] == 1  # one A100 (3.70/h) beats five L4s (4.00/h)
+    assert status["solvedRate"] == 31
+    assert status["lastSolveTime"] == "2026-01-02T03:04:05Z"
+    assert [g["name"] for g in status["gpus"]] == ["L4", "A100"]
+
+
+def test_plan_conditions_summarise_outcomes() -> None:
+    plan = solver.solve_spec(spec())
+    ok = [
+        reconcile.ScaleOutcome("L4", "Deployment/l4", 2, previous=0, patched=True),
+        reconcile.ScaleOutcome("A100", "Deployment/a100", 1, previous=1),
+    ]
+    ready, solved, scaled = reconcile.plan_conditions(plan, ok, dry_run=False)
+    assert (ready.status, ready.reason) == ("True", "Reconciled")
+    assert ready.message == "node pools match the plan: L4=2, A100=1"
+    assert (solved.status, solved.reason) == ("True", "Optimal")
+    assert scaled.status == "True"
+
+    failed = [ok[0], reconcile.ScaleOutcome("A100", "Deployment/a100", 1, error="not found")]
+    ready, _, scaled = reconcile.plan_conditions(plan, failed, dry_run=False)
+    assert (ready.status, ready.reason) == ("False", "ScaleFailed")
+    assert scaled.message == "Deployment/a100 (A100): not found"
+
+    ready, _, scaled = reconcile.plan_conditions(plan, [], dry_run=True)
+    assert (ready.status, ready.reason, scaled.status) == ("True", "DryRun", "False")
+
+
+def test_invalid_and_infeasible_conditions() -> None:
+    errors = [api.FieldError("spec.x", "must be 1"), api.FieldError("spec.y", "is required")]
+    ready = reconcile.invalid_conditions(errors)[0]
+    assert (ready.status, ready.reason) == ("False", "InvalidSpec")
+    assert ready.message == "spec.x: must be 1; spec.y: is required"
+    plan = solver.Plan(status="Infeasible", reason="no GPU type can serve input 1-100")
+    ready, solved, scaled = reconcile.infeasible_conditions(plan)
+    assert (ready.status, ready.reason) == ("False", "Infeasible")
+    assert ready.message == solved.message == "no GPU type can serve input 1-100"
+    assert scaled.status == "Unknown"
