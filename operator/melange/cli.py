@@ -253,7 +253,7 @@ def profiles_estimate(
     "--namespace",
     "namespaces",
     multiple=True,
-    help="Namespace to watch (repeatable; glob patterns allowed). Without it: all namespaces.",
+    help="Namespace to watch (repeatable). Without it: all namespaces.",
 )
 @click.option(
     "--peering",
@@ -271,6 +271,14 @@ def profiles_estimate(
     type=click.Path(dir_okay=False, exists=True),
     help="Kubeconfig file; default: in-cluster credentials, else $KUBECONFIG or ~/.kube/config.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port of the Prometheus /metrics endpoint (0: do not serve metrics).",
+)
+@click.option("--metrics-address", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 def run(
     namespaces: tuple[str, ...],
@@ -278,6 +286,8 @@ def run(
     priority: int,
     liveness: str | None,
     kubeconfig: str | None,
+    metrics_port: int,
+    metrics_address: str,
     verbose: bool,
 ) -> None:
     """Run the operator: reconcile MelangeAllocations and scale their node pools.
@@ -291,7 +301,13 @@ def run(
 
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig
-    from melange import handlers  # noqa: F401  (registers the handlers)
+    from melange import handlers, metrics  # noqa: F401  (importing handlers registers them)
+
+    if metrics_port:
+        try:
+            metrics.serve(metrics_port, metrics_address)
+        except OSError as exc:
+            _fail([f"--metrics-port {metrics_port}: cannot listen: {exc.strerror or exc}"], 2)
 
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
     kopf.run(

@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from melange import api, conditions, reconcile, solver
+from melange import api, conditions, metrics, reconcile, solver
 from melange.scaling import ScaleError, Scaler, new_api_client
 
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, "melangeallocations"
@@ -39,6 +39,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 5
     settings.networking.request_timeout = 30
+    # The CRD is installed before the operator (the chart's crds/), and namespaces are named, not
+    # patterns: no run-time watching of CRDs and namespaces, so no cluster-wide RBAC for them.
+    settings.scanning.disabled = True
     if "scaler" not in memo:
         memo["scaler"] = Scaler(new_api_client(os.environ.get("KUBECONFIG")))
 
@@ -109,9 +112,13 @@ async def reconcile_allocation(
     patch: kopf.Patch,
     memo: kopf.Memo,
     logger: kopf.Logger,
+    name: str | None,
+    reason: Any,
     **_: Any,
 ) -> None:
     now = datetime.now(UTC)
+    allocation = str(name)
+    trigger = str(getattr(reason, "value", reason))
     generation = int(meta.get("generation") or 0)
     assert namespace is not None  # the CRD is namespaced
     try:
@@ -121,13 +128,16 @@ async def reconcile_allocation(
             raise api.SpecError(missing)
     except api.SpecError as exc:
         logger.warning("Invalid spec, node pools left as they are: %s", exc)
+        metrics.record_error(namespace, allocation, "InvalidSpec")
         updates = reconcile.invalid_conditions(exc.errors)
         _write_conditions(patch, body, status, updates, generation, now)
         return
 
     plan = await asyncio.to_thread(solver.solve_spec, parsed)
+    metrics.record_plan(namespace, allocation, plan, trigger)
     if not plan.solved:
         logger.warning("No feasible plan, node pools left as they are: %s", plan.reason)
+        metrics.record_error(namespace, allocation, "Infeasible")
         patch.status["planStatus"] = plan.status
         updates = reconcile.infeasible_conditions(plan)
         _write_conditions(patch, body, status, updates, generation, now)
@@ -136,6 +146,8 @@ async def reconcile_allocation(
     desired = reconcile.desired_replicas(parsed, plan)
     outcomes = [] if parsed.dry_run else await _scale(memo["scaler"], namespace, parsed, desired)
     for outcome in outcomes:
+        if outcome.patched or outcome.error:
+            metrics.record_patch(namespace, allocation, outcome.gpu, ok=not outcome.error)
         if outcome.patched:
             message = f"{outcome.target} ({outcome.gpu}): {outcome.previous} -> {outcome.desired}"
             logger.info("Scaled %s", message)
@@ -146,6 +158,14 @@ async def reconcile_allocation(
     _write_conditions(patch, body, status, updates, generation, now)
     failed = [o for o in outcomes if o.error]
     if failed:
+        metrics.record_error(namespace, allocation, "ScaleFailed")
         raise kopf.TemporaryError(
             "; ".join(f"{o.target}: {o.error}" for o in failed), delay=SCALE_RETRY_SECONDS
         )
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
+def forget_allocation(spec: kopf.Spec, namespace: str | None, name: str | None, **_: Any) -> None:
+    """Optional: no finalizer. If the operator misses the deletion, only stale gauges remain."""
+    gpus = [g.get("name", "") for g in spec.get("gpus") or [] if isinstance(g, Mapping)]
+    metrics.forget(str(namespace), str(name), gpus)

@@ -34,10 +34,12 @@ class OperatorProcess:
         self.log_path = log_dir / "operator.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self.metrics_url = ""
         self._log_file: IO[bytes] | None = None
 
     def start(self) -> None:
-        port = _free_port()
+        port, metrics_port = _free_port(), _free_port()
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         self.starts += 1
         with self.log_path.open("a") as marker:
             marker.write(f"\n=== start {self.starts} ===\n")
@@ -54,6 +56,10 @@ class OperatorProcess:
                 str(self.control_plane.kubeconfig_path),
                 "--liveness",
                 f"http://127.0.0.1:{port}/healthz",
+                "--metrics-port",
+                str(metrics_port),
+                "--metrics-address",
+                "127.0.0.1",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -87,6 +93,10 @@ class OperatorProcess:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
+            return str(response.read().decode())
 
     def rss_bytes(self) -> int:
         """Resident memory of the operator process, from /proc."""

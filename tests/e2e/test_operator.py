@@ -345,3 +345,42 @@ def test_api_server_rejects_with_message(
     if path == "gpus.0.minReplicas":
         spec["gpus"][0]["maxReplicas"] = 2
     assert message in _rejected(kube, namespace, spec)
+
+
+def test_metrics_report_the_plan(kube: Kube, namespace: str, operator: OperatorProcess) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    make_pools(kube, namespace, replicas=0, skip=("A100",))
+    kube.create(manifest("chat"), namespace)
+    wait_ready(kube, "chat", namespace, status="False", reason="ScaleFailed")
+
+    def samples() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        result = {}
+        for family in text_string_to_metric_families(operator.metrics()):
+            for sample in family.samples:
+                if sample.labels.get("namespace") == namespace:
+                    labels = tuple(
+                        sorted(
+                            (k, v)
+                            for k, v in sample.labels.items()
+                            if k not in {"namespace", "allocation"}
+                        )
+                    )
+                    result[sample.name, labels] = sample.value
+        return result
+
+    def check() -> None:
+        values = samples()
+        assert values["melange_plan_replicas", (("gpu", "L4"),)] == 2
+        assert values["melange_plan_replicas", (("gpu", "A100"),)] == 1
+        assert values["melange_plan_replicas", (("gpu", "H100"),)] == 0
+        assert values["melange_plan_cost_per_hour", ()] == pytest.approx(5.3)
+        assert values["melange_solved_request_rate", ()] == 34
+        assert values["melange_plan_lower_bound_cost_per_hour", ()] <= 5.3
+        assert values["melange_solves_total", (("result", "optimal"), ("trigger", "create"))] >= 1
+        assert values["melange_scale_patches_total", (("gpu", "L4"), ("result", "patched"))] == 1
+        assert values["melange_scale_patches_total", (("gpu", "A100"), ("result", "failed"))] >= 1
+        assert values["melange_errors_total", (("reason", "ScaleFailed"),)] >= 1
+        assert values["melange_solve_duration_seconds_count", ()] >= 1
+
+    eventually(check)

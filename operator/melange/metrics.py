@@ -1,0 +1,136 @@
+"""The operator's own Prometheus metrics: what it decided, how long solving took, what failed.
+
+One dedicated registry (no process/GC collectors mixed in from other libraries, isolated in tests),
+`melange_` prefix, base units, bounded labels: namespace, allocation, and gpu where it applies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
+
+from melange.solver import Plan
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+ALLOCATION = ("namespace", "allocation")
+
+PLAN_REPLICAS = Gauge(
+    "melange_plan_replicas",
+    "Instances of a GPU type in the current plan.",
+    [*ALLOCATION, "gpu"],
+    registry=REGISTRY,
+)
+PLAN_COST = Gauge(
+    "melange_plan_cost_per_hour",
+    "Cost of the current plan per hour, in the currency of spec.gpus[].costPerHour.",
+    ALLOCATION,
+    registry=REGISTRY,
+)
+PLAN_LOWER_BOUND = Gauge(
+    "melange_plan_lower_bound_cost_per_hour",
+    "LP-relaxation lower bound on the cost per hour: no plan can cost less.",
+    ALLOCATION,
+    registry=REGISTRY,
+)
+SOLVED_RATE = Gauge(
+    "melange_solved_request_rate",
+    "Request rate (requests per second) the current plan was solved for.",
+    ALLOCATION,
+    registry=REGISTRY,
+)
+OBSERVED_RATE = Gauge(
+    "melange_observed_request_rate",
+    "Request rate (requests per second) last read from the rate source.",
+    ALLOCATION,
+    registry=REGISTRY,
+)
+RATE_SOURCE_UP = Gauge(
+    "melange_rate_source_up",
+    "1 when the last query of the rate source gave a usable rate, else 0.",
+    ALLOCATION,
+    registry=REGISTRY,
+)
+SOLVE_DURATION = Histogram(
+    "melange_solve_duration_seconds",
+    "Time to solve an allocation's ILP, including the LP bound.",
+    ALLOCATION,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    registry=REGISTRY,
+)
+SOLVES = Counter(
+    "melange_solves",
+    "Solves by why they ran (created, update, resume, rate_drift) and their result.",
+    [*ALLOCATION, "trigger", "result"],
+    registry=REGISTRY,
+)
+SCALE_PATCHES = Counter(
+    "melange_scale_patches",
+    "Replica-count patches of node pools, by result (patched, failed).",
+    [*ALLOCATION, "gpu", "result"],
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "melange_errors",
+    "Reconcile problems by reason (InvalidSpec, Infeasible, ScaleFailed, RateSourceUnavailable...).",
+    [*ALLOCATION, "reason"],
+    registry=REGISTRY,
+)
+RATE_QUERIES = Counter(
+    "melange_rate_queries",
+    "Queries of the rate source, by result (ok, or the failure reason).",
+    [*ALLOCATION, "result"],
+    registry=REGISTRY,
+)
+
+_PER_ALLOCATION: tuple[Gauge, ...] = (
+    PLAN_COST,
+    PLAN_LOWER_BOUND,
+    SOLVED_RATE,
+    OBSERVED_RATE,
+    RATE_SOURCE_UP,
+)
+
+
+def record_plan(namespace: str, allocation: str, plan: Plan, trigger: str) -> None:
+    SOLVE_DURATION.labels(namespace, allocation).observe(plan.solve_seconds)
+    SOLVES.labels(namespace, allocation, trigger, plan.status.lower()).inc()
+    if not plan.solved:
+        return
+    for gpu in plan.gpus:
+        PLAN_REPLICAS.labels(namespace, allocation, gpu.name).set(gpu.replicas)
+    PLAN_COST.labels(namespace, allocation).set(plan.cost_per_hour or 0.0)
+    PLAN_LOWER_BOUND.labels(namespace, allocation).set(plan.lower_bound or 0.0)
+    SOLVED_RATE.labels(namespace, allocation).set(plan.total_rate)
+
+
+def record_patch(namespace: str, allocation: str, gpu: str, ok: bool) -> None:
+    SCALE_PATCHES.labels(namespace, allocation, gpu, "patched" if ok else "failed").inc()
+
+
+def record_error(namespace: str, allocation: str, reason: str) -> None:
+    ERRORS.labels(namespace, allocation, reason).inc()
+
+
+def forget(namespace: str, allocation: str, gpus: Iterable[str]) -> None:
+    """Drop a deleted allocation's gauges, so dashboards do not show a plan that no longer exists."""
+    for gauge in _PER_ALLOCATION:
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, allocation)
+    for gpu in gpus:
+        with contextlib.suppress(KeyError):
+            PLAN_REPLICAS.remove(namespace, allocation, gpu)
+
+
+def serve(port: int, address: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
+    """Expose /metrics on a background thread (the operator's event loop stays free)."""
+    return start_http_server(port, addr=address, registry=REGISTRY)
