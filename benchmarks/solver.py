@@ -9,6 +9,7 @@ HiGHS measured in the same process. Also times a whole `melange solve` command o
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import shutil
 import subprocess
@@ -112,16 +113,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cap", type=float, default=20.0, help="time limit per solve, seconds")
     parser.add_argument("--quick", action="store_true", help="only the three smallest sizes")
+    parser.add_argument("--seeds", type=int, default=3, help="random instances per size")
     args = parser.parse_args()
+    sizes = SIZES[:3] if args.quick else SIZES
     instances = [
-        (f"random {t}x{b}x{b} S={s}", random_problem(t, b, s, seed=t * 1000 + b))
-        for t, b, s in SIZES
+        (f"random {t}x{b}x{b} S={s} #{k}", random_problem(t, b, s, seed=t * 1000 + b * 10 + k))
+        for t, b, s in sizes
+        for k in range(args.seeds)
     ]
     instances.insert(0, ("profiles 10x8x6 S=64", profile_problem(30.0, 64)))
-    if args.quick:
-        instances = instances[:4]
     solver.solve(instances[0][1])  # warm-up: imports, the HiGHS library
-    header = f"{'instance':<26}{'highs s':>9}{'cost':>9}{'cbc s':>9}{'x':>7}{'cost':>9}{'slice s':>9}{'x':>7}{'cost':>9}  same"
+    ratios: list[float] = []
+    header = f"{'instance':<30}{'highs s':>9}{'cost':>9}{'cbc s':>9}{'x':>7}{'cost':>9}{'slice s':>9}{'x':>7}{'cost':>9}  same"
     print(header)
     print("-" * len(header))
     for name, problem in instances:
@@ -142,11 +145,14 @@ def main() -> int:
             else "NO"
         )
         print(
-            f"{name:<26}{t_highs:>9.3f}{fmt_cost(highs.status, highs.cost_per_hour):>9}"
+            f"{name:<30}{t_highs:>9.3f}{fmt_cost(highs.status, highs.cost_per_hour):>9}"
             f"{t_cbc:>9.3f}{t_cbc / t_highs:>7.1f}{fmt_cost(cbc.status, cbc.cost_per_hour):>9}"
             f"{t_slice:>9.3f}{t_slice / t_highs:>7.1f}{fmt_cost(slice_status, slice_cost):>9}  {same}"
         )
+        ratios.append(t_cbc / t_highs)
+    geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     print("* = best plan found within the cap, optimality not proven; x = time / highs time")
+    print(f"cbc / highs time, geometric mean over {len(ratios)} instances: {geomean:.2f}")
     melange = shutil.which("melange", path=str(Path(sys.executable).parent))
     if melange and not args.quick:
         name, problem = instances[-1]

@@ -84,7 +84,7 @@ def main() -> None:
     type=click.Choice(list(solver.BACKENDS)),
     default=solver.DEFAULT_BACKEND,
     show_default=True,
-    help="MILP backend: HiGHS (in process) or CBC (bundled with PuLP).",
+    help="MILP backend: CBC (bundled with PuLP, a subprocess) or HiGHS (in process).",
 )
 @click.option(
     "--time-limit",

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build the test control plane (etcd + kube-apiserver) and helm from Go modules.
 #
-# Why: the official release binaries (envtest tarballs, GitHub releases) cannot be
-# downloaded here; only package registries are reachable. The Go module proxy serves
-# the sources, so we build the binaries ourselves, once, into a cache outside the repo.
+# Why: the tests need a real API server, and building from the Go module proxy needs
+# nothing but a Go toolchain (no release tarballs), so the binaries are built once,
+# into a cache outside the repo.
 #
 # Layout:  ${MELANGE_TEST_BIN:-$HOME/.cache/melange-operator/bin}/<component>-<version>/<binary>
 #          ${MELANGE_TEST_BIN}/current/{etcd,kube-apiserver,helm}   (stable symlinks)
@@ -12,7 +12,6 @@
 # Usage:   bash tests/controlplane/build.sh                   # build what is missing
 #          bash tests/controlplane/build.sh --print-versions  # KEY=VALUE pins, no build
 #
-# Recipe and background: shared notes craft.md section 4.2.
 set -euo pipefail
 
 # Pinned versions. Kubernetes 1.34-1.36 pair with etcd 3.6.x (1.37 would need 3.7.x).

@@ -12,6 +12,7 @@ import yaml
 from kubernetes.dynamic.exceptions import UnprocessibleEntityError
 
 from melange import api, solver
+from tests.specs import with_value
 
 from .kube import REPO, Kinds, Kube, eventually, reasons
 from .operator_process import OperatorProcess
@@ -289,13 +290,7 @@ def _rejected(kube: Kube, namespace: str, spec: dict[str, Any]) -> str:
 
 
 def _mutated(path: str, value: Any) -> dict[str, Any]:
-    spec = copy.deepcopy(SPEC)
-    node: Any = spec
-    parts = [int(p) if p.isdigit() else p for p in path.split(".")]
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
-    return spec
+    return with_value(SPEC, path, value)
 
 
 @pytest.mark.parametrize(

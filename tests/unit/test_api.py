@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import pytest
 
 from melange import api
+from tests.specs import with_value
 
 
 def valid_spec() -> dict[str, Any]:
@@ -40,14 +40,7 @@ def test_valid_spec_parses_with_defaults() -> None:
 
 
 def mutate(path: str, value: Any) -> dict[str, Any]:
-    """A copy of the valid spec with one value replaced; `path` uses dots and integer indices."""
-    spec = copy.deepcopy(valid_spec())
-    node: Any = spec
-    parts = [int(p) if p.isdigit() else p for p in path.split(".")]
-    for part in parts[:-1]:
-        node = node[part]
-    node[parts[-1]] = value
-    return spec
+    return with_value(valid_spec(), path, value)
 
 
 @pytest.mark.parametrize(

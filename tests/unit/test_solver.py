@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -162,9 +163,8 @@ def test_mix_beats_single_types_on_mixed_workload() -> None:
 
 def test_zero_rate_gives_minimums() -> None:
     problem = example()
-    idle = Problem(
-        input_edges=problem.input_edges,
-        output_edges=problem.output_edges,
+    idle = replace(
+        problem,
         rates=tuple(tuple(0.0 for _ in row) for row in problem.rates),
         gpus=(
             GpuOption("L4", 0.8, problem.gpus[0].throughput, min_replicas=2),
@@ -180,12 +180,7 @@ def test_zero_rate_gives_minimums() -> None:
 
 def test_unservable_bucket_is_named_by_token_ranges() -> None:
     problem = example()
-    only_l4 = Problem(
-        input_edges=problem.input_edges,
-        output_edges=problem.output_edges,
-        rates=problem.rates,
-        gpus=(problem.gpus[0],),
-    )
+    only_l4 = replace(problem, gpus=(problem.gpus[0],))
     plan = solver.solve(only_l4)
     assert plan.status == "Infeasible"
     assert plan.reason == "no GPU type can serve input 1000-16000, output 100-1000 tokens (1 req/s)"
@@ -194,12 +189,7 @@ def test_unservable_bucket_is_named_by_token_ranges() -> None:
 
 def test_capped_type_is_named() -> None:
     problem = example()
-    capped = Problem(
-        input_edges=problem.input_edges,
-        output_edges=problem.output_edges,
-        rates=problem.rates,
-        gpus=(problem.gpus[0], GpuOption("A100", 3.7, problem.gpus[1].throughput, max_replicas=0)),
-    )
+    capped = replace(problem, gpus=(problem.gpus[0], replace(problem.gpus[1], max_replicas=0)))
     plan = solver.solve(capped)
     assert plan.status == "Infeasible"
     assert plan.reason == (
@@ -209,13 +199,7 @@ def test_capped_type_is_named() -> None:
 
 def test_headroom_buys_spare_capacity() -> None:
     problem = example()
-    roomy = Problem(
-        input_edges=problem.input_edges,
-        output_edges=problem.output_edges,
-        rates=problem.rates,
-        gpus=problem.gpus,
-        headroom=0.5,
-    )
+    roomy = replace(problem, headroom=0.5)
     plain, padded = solver.solve(problem), solver.solve(roomy)
     assert padded.cost_per_hour is not None
     assert plain.cost_per_hour is not None
