@@ -8,6 +8,16 @@ python3 -m venv .venv
 .venv/bin/pip install --quiet --disable-pip-version-check --upgrade pip
 .venv/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
 
+# A real Prometheus server for the rate-source end-to-end tests: Debian's package (the tests only
+# use its binary and start their own servers on loopback).
+if ! command -v prometheus >/dev/null 2>&1; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null
+fi
+
 # Real kube-apiserver, etcd and helm for the end-to-end tests, built from Go modules and cached
 # outside the tree (the first build takes a while; later runs reuse the binaries).
 bash tests/controlplane/build.sh

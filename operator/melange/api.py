@@ -65,6 +65,10 @@ class SecretKeyRef(_Model):
 class PrometheusSource(_Model):
     url: str = Field(pattern=r"^https?://")
     query: str | None = None
+    # Without `query`: vLLM's request rate for the series labelled model_name=<modelName>,
+    # rate() over `rangeSeconds` (default 120).
+    model_name: str | None = Field(default=None, alias="modelName", min_length=1, max_length=253)
+    range_seconds: int | None = Field(default=None, alias="rangeSeconds", ge=1, le=86400)
     bearer_token_secret_ref: SecretKeyRef | None = Field(default=None, alias="bearerTokenSecretRef")
     ca_config_map_ref: SecretKeyRef | None = Field(default=None, alias="caConfigMapRef")
 

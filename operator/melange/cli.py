@@ -6,18 +6,20 @@ Exit codes are part of the interface: 0 solved, 1 infeasible (the reason on stde
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import math
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import click
 import yaml
 
-from melange import __version__, api, perfmodel, profiles, report, solver
+from melange import __version__, api, perfmodel, profiles, report, solver, workload
 from melange.profiles import build as profile_build
 
 EXIT_INFEASIBLE = 1
@@ -53,8 +55,9 @@ def _dump(data: Any, output: str) -> str:
 def main() -> None:
     """Keep LLM serving on the cheapest mix of GPU types that meets the latency SLO.
 
-    `solve` plans offline from a MelangeAllocation file; `profiles` lists and estimates GPU throughput
-    profiles; `run` starts the Kubernetes operator.
+    `solve` plans offline from a MelangeAllocation file; `workload` turns a request log into the
+    spec's workload; `profiles` lists, estimates, imports and compares GPU throughput profiles;
+    `run` starts the Kubernetes operator.
     """
 
 
@@ -124,17 +127,36 @@ def solve(
 
 @main.group("profiles")
 def profiles_group() -> None:
-    """GPU throughput profiles: the shipped library, and first-order estimates for new set-ups.
+    """GPU throughput profiles: the shipped library, estimates for new set-ups, measured ones.
 
     A profile is a `spec.gpus[]` entry (name, costPerHour, throughput) for one model, GPU type and
     time-per-output-token SLO. The shipped ones are estimates (see `melange profiles show`), to be
-    replaced by measurements when you have them.
+    replaced by measurements when you have them: `melange profiles import` adds a measured profile
+    to the user profile directory, where `list`, `show` and `compare` find it.
     """
 
 
+_DIR = click.option(
+    "--dir",
+    "user_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="User profile directory [default: $MELANGE_PROFILES_DIR, else "
+    "$XDG_DATA_HOME/melange/profiles, else ~/.local/share/melange/profiles].",
+)
+
+
+def _user_dir(user_dir: Path | None) -> Path:
+    """The user profile directory; files in it that are not valid profiles are warned about."""
+    directory = user_dir if user_dir is not None else profiles.user_profile_dir()
+    for problem in profiles.load_user_profiles(directory).problems:
+        click.echo(f"warning: {problem} (ignored)", err=True)
+    return directory
+
+
 @profiles_group.command("list")
-def profiles_list() -> None:
-    """List the shipped profiles."""
+@_DIR
+def profiles_list(user_dir: Path | None) -> None:
+    """List the shipped profiles and the imported (measured) ones."""
     rows = [
         [
             p.name,
@@ -144,7 +166,7 @@ def profiles_list() -> None:
             f"{p.cost_per_hour:.2f}",
             p.source,
         ]
-        for p in profiles.list_profiles()
+        for p in profiles.list_profiles(_user_dir(user_dir))
     ]
     header = ["PROFILE", "GPU", "MODEL", "TPOT SLO", "COST/H", "SOURCE"]
     for line in report.format_table(header, rows):
@@ -164,10 +186,11 @@ _FORMAT = click.option(
     is_flag=True,
     help="Print just the spec.gpus[] entry (name, costPerHour, throughput) to paste into a spec.",
 )
-def profiles_show(name: str, output: str, entry_only: bool) -> None:
+@_DIR
+def profiles_show(name: str, output: str, entry_only: bool, user_dir: Path | None) -> None:
     """Print the profile NAME (see `melange profiles list`) with the inputs it was estimated from."""
     try:
-        profile = profiles.load_profile(name)
+        profile = profiles.load_profile(name, _user_dir(user_dir))
     except profiles.UnknownProfileError as exc:
         _fail([str(exc)], EXIT_INVALID)
     click.echo(_dump(profiles.gpu_entry(profile) if entry_only else profile, output), nl=False)
@@ -245,6 +268,171 @@ def profiles_estimate(
         profile_build.render_profile(profile) if output == "yaml" else _dump(profile, output),
         nl=False,
     )
+
+
+@profiles_group.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@_DIR
+@click.option("--force", is_flag=True, help="Replace a different user profile of the same name.")
+def profiles_import(file: str, user_dir: Path | None, force: bool) -> None:
+    """Validate a measured profile and add it to the user profile directory.
+
+    FILE ('-' reads stdin) has the shape of a shipped profile (see `melange profiles show`) with
+    `source: measured`, and optionally `measurement:` (a mapping saying how it was measured)
+    instead of `estimate:`. Its `profile` name is how `list`, `show` and `compare` find it; a
+    user profile with the name of a shipped one replaces it. Exits 2 when the file is invalid.
+    """
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        _fail([f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"], EXIT_INVALID)
+    directory = user_dir if user_dir is not None else profiles.user_profile_dir()
+    try:
+        path = profiles.import_profile(file, text, directory, force=force)
+    except profiles.ProfileError as exc:
+        _fail(exc.errors, EXIT_INVALID)
+    except OSError as exc:
+        _fail([f"{directory}: cannot write: {exc.strerror or exc}"], EXIT_INVALID)
+    name = yaml.safe_load(path.read_text(encoding="utf-8"))["profile"]
+    note = " (it replaces the shipped estimate of that name)" if profiles.is_shipped(name) else ""
+    click.echo(f"imported {name} -> {path}{note}")
+
+
+@profiles_group.command("compare")
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+@_DIR
+def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None) -> None:
+    """Cost per million requests of each bucket on each profile, and the cheapest per bucket.
+
+    The cost is costPerHour / (throughput x 3600) x 10^6: what a million requests of that bucket
+    cost on an instance kept busy at its profiled throughput ('-': the profile cannot serve the
+    bucket). The profiles must share their bucket edges.
+    """
+    directory = _user_dir(user_dir)
+    documents: dict[str, dict[str, Any]] = {}
+    try:
+        for name in names:
+            documents[name] = profiles.load_profile(name, directory)
+    except profiles.UnknownProfileError as exc:
+        _fail([str(exc)], EXIT_INVALID)
+    try:
+        table = profiles.compare_profiles(documents)
+    except profiles.ProfileError as exc:
+        _fail(exc.errors, EXIT_INVALID)
+    if output != "table":
+        click.echo(_dump(table, output), nl=False)
+        return
+    gpus = [p["gpu"] for p in table["profiles"]]
+    labels = gpus if len(set(gpus)) == len(gpus) else list(documents)
+    label = dict(zip(documents, labels, strict=True))
+    rows = [
+        [
+            f"{row['inputTokens'][0]}-{row['inputTokens'][1]}",
+            f"{row['outputTokens'][0]}-{row['outputTokens'][1]}",
+            *("-" if c is None else f"{c:.2f}" for c in row["costPerMillion"].values()),
+            "-" if row["winner"] is None else label[row["winner"]],
+        ]
+        for row in table["rows"]
+    ]
+    header = ["INPUT", "OUTPUT", *labels, "CHEAPEST"]
+    for line in report.format_table(header, rows):
+        click.echo(line)
+    if labels != gpus:
+        return
+    click.echo("")
+    for name, gpu in zip(documents, gpus, strict=True):
+        click.echo(f"{gpu}: {name} ({documents[name]['source']})")
+
+
+@contextlib.contextmanager
+def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr when it is a terminal; nothing otherwise (logs stay clean)."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    with Progress(
+        *columns, TimeRemainingColumn(), console=Console(stderr=True), transient=True
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+@main.command("workload")
+@click.argument("log", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option(
+    "--input-edges",
+    help="Input-length bucket edges in tokens, comma-separated (e.g. the profiles' edges); "
+    "default: quantiles of the log.",
+)
+@click.option(
+    "--output-edges",
+    help="Output-length bucket edges in tokens, comma-separated; default: quantiles of the log.",
+)
+@click.option(
+    "--buckets",
+    type=click.IntRange(1, 32),
+    default=8,
+    show_default=True,
+    help="Buckets per axis whose edges are not given: edges at quantiles of the log "
+    "(equal ones merge, so there may be fewer).",
+)
+@click.option(
+    "--rate",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Total request rate in req/s; default: from the timestamps' span.",
+)
+@_FORMAT
+def workload_command(
+    log: str,
+    input_edges: str | None,
+    output_edges: str | None,
+    buckets: int,
+    rate: float | None,
+    output: str,
+) -> None:
+    """Print the spec's `buckets` and `workload` blocks for the requests in LOG ('-': stdin).
+
+    LOG is JSON Lines or CSV (by its extension, else its first line), one request per line with
+    input_tokens/output_tokens or prompt_tokens/completion_tokens (also under `usage`), and
+    optionally a timestamp (epoch seconds or RFC 3339). The distribution counts the requests per
+    bucket [low, high); requests outside the edges are reported and left out, as are unreadable
+    lines (listed with their line numbers on stderr). The total rate is the rate of the counted
+    requests over the span of the timestamps, unless --rate is given. Exits 0 on success, 2 when
+    the log gives no workload.
+    """
+    if rate is not None and not math.isfinite(rate):
+        _fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
+    try:
+        result = workload.build_workload(
+            None if log == "-" else Path(log),
+            input_edges=_edges(input_edges),
+            output_edges=_edges(output_edges),
+            buckets=buckets,
+            rate=rate,
+            progress=_progress_bar,
+        )
+    except workload.WorkloadError as exc:
+        _fail([str(exc)], EXIT_INVALID)
+    source = "<stdin>" if log == "-" else log
+    for line in workload.warning_lines(result, source):
+        click.echo(f"warning: {line}", err=True)
+    fragment = result.spec_fragment()
+    if output == "json":
+        click.echo(_dump(fragment, output), nl=False)
+    else:
+        comment = "".join(f"# {line}\n" for line in workload.summary_lines(result, source))
+        click.echo(comment + _dump(fragment, output), nl=False)
 
 
 @main.command()

@@ -121,6 +121,23 @@ def record_error(namespace: str, allocation: str, reason: str) -> None:
     ERRORS.labels(namespace, allocation, reason).inc()
 
 
+def record_rate_query(namespace: str, allocation: str, result: str, rate: float | None) -> None:
+    """One query of the rate source: `result` is "ok" (with the rate) or the failure's reason."""
+    RATE_QUERIES.labels(namespace, allocation, result).inc()
+    RATE_SOURCE_UP.labels(namespace, allocation).set(0 if rate is None else 1)
+    if rate is None:
+        ERRORS.labels(namespace, allocation, "RateSourceUnavailable").inc()
+    else:
+        OBSERVED_RATE.labels(namespace, allocation).set(rate)
+
+
+def forget_rate_source(namespace: str, allocation: str) -> None:
+    """The allocation no longer has a rate source: drop its observation gauges."""
+    for gauge in (OBSERVED_RATE, RATE_SOURCE_UP):
+        with contextlib.suppress(KeyError):
+            gauge.remove(namespace, allocation)
+
+
 def forget(namespace: str, allocation: str, gpus: Iterable[str]) -> None:
     """Drop a deleted allocation's gauges, so dashboards do not show a plan that no longer exists."""
     for gauge in _PER_ALLOCATION:

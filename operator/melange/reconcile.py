@@ -6,15 +6,19 @@ Events) and call these pure functions in between, so every decision is unit-test
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from melange import report
-from melange.api import AllocationSpec, FieldError, GpuType
-from melange.conditions import READY, SCALED, SOLVED, Condition, timestamp
+from melange import rates, report
+from melange.api import AllocationSpec, FieldError, GpuType, RateSource
+from melange.conditions import RATE_OBSERVED, READY, SCALED, SOLVED, Condition, timestamp
+from melange.rates import RateError
 from melange.solver import Plan
+
+MAX_QUERY_SECONDS = 10
+RATE_STATUS_FIELDS = ("observedRate", "lastObservationTime", "rateHistory")
 
 
 @dataclass(frozen=True)
@@ -35,12 +39,75 @@ def target_name(gpu: GpuType) -> str:
 
 
 def operator_errors(spec: AllocationSpec) -> list[FieldError]:
-    """Rules the operator adds to the spec's own: every GPU type needs a node pool to scale."""
-    return [
+    """Rules the operator adds to the spec's own: every GPU type needs a node pool to scale, and a
+    rate source needs a query (its own, or the default one for a model)."""
+    errors = [
         FieldError(f"spec.gpus[{k}].scaleTargetRef", "is required")
         for k, gpu in enumerate(spec.gpus)
         if gpu.scale_target_ref is None
     ]
+    return errors + rate_source_errors(spec)
+
+
+def rate_source_errors(spec: AllocationSpec) -> list[FieldError]:
+    source = spec.rate_source
+    if source is None:
+        return []
+    prometheus, path = source.prometheus, "spec.rateSource.prometheus"
+    errors = []
+    if (prometheus.query is None) == (prometheus.model_name is None):
+        errors.append(FieldError(path, "set exactly one of query and modelName"))
+    if prometheus.range_seconds is not None and prometheus.model_name is None:
+        errors.append(
+            FieldError(
+                f"{path}.rangeSeconds", "applies to the default query, which needs modelName"
+            )
+        )
+    return errors
+
+
+def rate_query(source: RateSource) -> str:
+    """The PromQL the operator runs: the spec's own, or vLLM's request rate for `modelName`."""
+    prometheus = source.prometheus
+    if prometheus.query is not None:
+        return prometheus.query
+    assert prometheus.model_name is not None  # checked by rate_source_errors
+    return rates.default_query(
+        prometheus.model_name, prometheus.range_seconds or rates.DEFAULT_RANGE_SECONDS
+    )
+
+
+def query_timeout(source: RateSource) -> float:
+    """A query may take at most one interval, and never more than 10 s."""
+    return float(min(source.interval_seconds, MAX_QUERY_SECONDS))
+
+
+def rate_observed(observed: float, url: str) -> Condition:
+    return Condition(RATE_OBSERVED, "True", "Observed", f"{observed:.4g} req/s from {url}")
+
+
+def rate_failed(error: RateError) -> Condition:
+    return Condition(
+        RATE_OBSERVED,
+        "False",
+        error.reason,
+        f"{error.message}; the current plan and node pools are kept",
+    )
+
+
+def observation_status(
+    observed: float, now: datetime, history: Sequence[rates.RateSample]
+) -> dict[str, Any]:
+    return {
+        "observedRate": round(observed, 6),
+        "lastObservationTime": timestamp(now),
+        "rateHistory": rates.history_to_status(history),
+    }
+
+
+def cleared_rate_status(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The observation fields to delete (merge-patch nulls) once the spec has no rate source."""
+    return {key: None for key in RATE_STATUS_FIELDS if status.get(key) is not None}
 
 
 def desired_replicas(spec: AllocationSpec, plan: Plan) -> dict[str, int]:

@@ -1,8 +1,8 @@
-"""End-to-end fixtures: one real control plane per session, a namespace and an operator per test."""
+"""End-to-end fixtures: an operator per test (the control plane, `kube` and `namespace` fixtures are
+in tests/conftest.py, shared with the chart tests)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,30 +10,9 @@ import pytest
 
 from tests.controlplane.harness import ControlPlane
 
-from .kube import CRD_FILE, MANIFESTS, Kube
+from .kube import Kube, eventually
 from .operator_process import OperatorProcess
-
-
-@pytest.fixture(scope="session")
-def control_plane() -> Iterator[ControlPlane]:
-    with ControlPlane() as cp:
-        yield cp
-
-
-@pytest.fixture(scope="session")
-def kube(control_plane: ControlPlane) -> Kube:
-    """A client with the CRDs installed and established."""
-    k = Kube(control_plane.kubeconfig_path)
-    for document in [*k.apply_file(CRD_FILE), *k.apply_file(MANIFESTS / "test-targets.yaml")]:
-        k.wait_established(document["metadata"]["name"])
-    return k
-
-
-@pytest.fixture
-def namespace(kube: Kube) -> str:
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    kube.create_namespace(name)
-    return name
+from .prometheus import LoadEmitter, PrometheusServer
 
 
 @pytest.fixture
@@ -47,3 +26,44 @@ def operator(
     finally:
         process.stop()
         print(f"--- operator log (tail) ---\n{process.log()[-8000:]}")
+
+
+# -- a real Prometheus scraping a vLLM-like load emitter ----------------------------------------
+
+EMITTER_RATE = 34.0
+
+
+@pytest.fixture
+def emitter(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LoadEmitter]:
+    """vLLM's metrics at a request rate the test sets (34 req/s to start).
+
+    Parametrize indirectly with "text" for a Prometheus that stores `vllm:` names (the default,
+    "negotiate", gives `vllm_` names with this Prometheus).
+    """
+    process = LoadEmitter(tmp_path, EMITTER_RATE, fmt=getattr(request, "param", "negotiate"))
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture
+def prometheus(emitter: LoadEmitter, tmp_path: Path) -> Iterator[PrometheusServer]:
+    """Prometheus scraping the emitter every second, ready once it sees the emitter's rate."""
+    server = PrometheusServer(tmp_path / "prometheus", [emitter.address])
+    server.start()
+    try:
+        query = f"sum(rate({emitter.metric_name}[4s]))"
+        server.wait_for_value(query)
+        eventually(
+            lambda: _assert_near(server.value(query), EMITTER_RATE), timeout=30, interval=0.5
+        )
+        yield server
+    finally:
+        server.stop()
+        print(f"--- prometheus log (tail) ---\n{server.log()[-4000:]}")
+
+
+def _assert_near(value: float | None, expected: float) -> None:
+    assert value is not None
+    assert abs(value - expected) <= 0.02 * expected, value

@@ -9,12 +9,40 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 from tests.controlplane.harness import ControlPlane
 
 from .kube import eventually
+
+
+def terminate(process: subprocess.Popen[bytes] | None, timeout: float = 20) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def wait_healthy(process: subprocess.Popen[bytes], url: str, log: Callable[[], str]) -> None:
+    """Poll the liveness endpoint until it answers 200; fail at once if the process exits."""
+
+    def alive() -> None:
+        assert process.poll() is None, f"operator exited:\n{log()}"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                assert response.status == 200
+        except OSError as exc:
+            raise AssertionError(str(exc)) from None
+
+    eventually(alive, timeout=60)
+
 
 MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
 
@@ -66,25 +94,10 @@ class OperatorProcess:
             env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
         )
 
-        def alive() -> None:
-            assert self.process is not None
-            assert self.process.poll() is None, f"operator exited:\n{self.log()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                    assert r.status == 200
-            except OSError as exc:
-                raise AssertionError(str(exc)) from None
-
-        eventually(alive, timeout=60)
+        wait_healthy(self.process, f"http://127.0.0.1:{port}/healthz", self.log)
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
         self.process = None
         if self._log_file is not None:
             self._log_file.close()

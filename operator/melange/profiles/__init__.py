@@ -1,22 +1,47 @@
-"""The shipped profile library: estimated throughput profiles to start from before measuring.
+"""GPU throughput profiles: the shipped library of estimates, and the user's measured profiles.
 
 Each profile is a `spec.gpus[]` entry of a `MelangeAllocation` (`name`, `costPerHour`,
-`throughput`) plus metadata saying what it is for (`model`, `tpotSeconds`, `buckets`) and that it
-is an estimate (`source: estimate`, `estimate:` with every model input). The files live in
-`data/` as package data and are produced by `melange.profiles.build`.
+`throughput`) plus metadata saying what it is for (`model`, `tpotSeconds`, `buckets`) and where it
+comes from. The shipped ones are estimates (`source: estimate`, `estimate:` with every model input);
+they live in `data/` as package data and are produced by `melange.profiles.build`.
+
+Measured profiles (`source: measured`, optionally `measurement:` saying how) are imported into a
+user profile directory: `$MELANGE_PROFILES_DIR`, else `$XDG_DATA_HOME/melange/profiles` (by default
+`~/.local/share/melange/profiles`). Listing and loading with a `user_dir` gives the user's profiles
+alongside the shipped ones; a user profile with the name of a shipped one replaces it.
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.resources import files
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import yaml
 
+from melange import api
+
 GPU_ENTRY_KEYS = ("name", "costPerHour", "throughput")
+USER_DIR_ENV = "MELANGE_PROFILES_DIR"
+PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*(/[a-z0-9][a-z0-9._-]*)*$")
+MAX_PROFILE_NAME = 200
+MEASURED_REQUIRED_KEYS = (
+    "profile",
+    "name",
+    "costPerHour",
+    "model",
+    "tpotSeconds",
+    "buckets",
+    "source",
+    "throughput",
+)
+MEASURED_OPTIONAL_KEYS = ("measurement", "description")
 
 
 @dataclass(frozen=True)
@@ -28,7 +53,8 @@ class ProfileInfo:
     gpu: str
     tpot_seconds: float
     cost_per_hour: float
-    source: str  # "estimate" for everything shipped
+    source: str  # "estimate" for everything shipped, "measured" for imported profiles
+    path: str | None = None  # the file of a user profile; None for a shipped one
 
 
 class UnknownProfileError(KeyError):
@@ -59,8 +85,10 @@ def _documents() -> dict[str, dict[str, Any]]:
     return dict(sorted(documents.items()))
 
 
-def list_profiles() -> list[ProfileInfo]:
-    """The shipped profiles, sorted by name."""
+def list_profiles(user_dir: Path | None = None) -> list[ProfileInfo]:
+    """The shipped profiles, and with `user_dir` the valid user profiles too, sorted by name."""
+    user = load_user_profiles(user_dir).documents if user_dir is not None else {}
+    documents = {**_documents(), **{name: doc for name, (_, doc) in user.items()}}
     return [
         ProfileInfo(
             name=name,
@@ -69,22 +97,260 @@ def list_profiles() -> list[ProfileInfo]:
             tpot_seconds=float(doc["tpotSeconds"]),
             cost_per_hour=float(doc["costPerHour"]),
             source=str(doc["source"]),
+            path=str(user[name][0]) if name in user else None,
         )
-        for name, doc in _documents().items()
+        for name, doc in sorted(documents.items())
     ]
 
 
-def load_profile(name: str) -> dict[str, Any]:
-    """A shipped profile by name: a `spec.gpus[]` entry plus its metadata (a fresh copy).
+def load_profile(name: str, user_dir: Path | None = None) -> dict[str, Any]:
+    """A profile by name: a `spec.gpus[]` entry plus its metadata (a fresh copy).
 
-    Raises `UnknownProfileError` (a `KeyError`) listing the available names.
+    With `user_dir`, a user profile of that name comes first. Raises `UnknownProfileError` (a
+    `KeyError`) listing the available names.
     """
+    user = load_user_profiles(user_dir).documents if user_dir is not None else {}
+    if name in user:
+        return user[name][1]
     documents = _documents()
     if name not in documents:
-        raise UnknownProfileError(name, list(documents))
+        raise UnknownProfileError(name, sorted({*documents, *user}))
     return documents[name]
+
+
+# --- user profiles --------------------------------------------------------------------------------
+
+
+class ProfileError(ValueError):
+    """A profile document is not valid; `errors` lists every problem, each naming its field."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = errors
+        super().__init__("\n".join(errors))
+
+
+def user_profile_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """`$MELANGE_PROFILES_DIR`, else `$XDG_DATA_HOME/melange/profiles`, else under ~/.local/share.
+
+    As the XDG base directory specification says, a relative `XDG_DATA_HOME` is ignored.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(USER_DIR_ENV):
+        return Path(env[USER_DIR_ENV])
+    xdg = env.get("XDG_DATA_HOME", "")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "melange" / "profiles"
+
+
+def validate_profile(document: Any) -> list[str]:
+    """Every problem with a measured profile document, as `field: message` lines (empty: valid).
+
+    The shape is the shipped one with `source: measured`: `profile` (the name, lower-case words
+    joined by `/`, e.g. `llama-3.1-8b/l4/tpot-40ms`), `name` (the GPU type), `costPerHour`,
+    `model`, `tpotSeconds`, `buckets` and `throughput` (one row per input bucket, one column per
+    output bucket, req/s), and optionally `measurement` (a mapping: how, when, with what) and
+    `description`. The GPU entry is checked by the same rules as `spec.gpus[]`.
+    """
+    if not isinstance(document, Mapping):
+        return [f"must be a mapping (a profile document), got {type(document).__name__}"]
+    errors = [f"{key}: is required" for key in MEASURED_REQUIRED_KEYS if key not in document] + [
+        f"{key}: is not a known field"
+        for key in document
+        if key not in MEASURED_REQUIRED_KEYS and key not in MEASURED_OPTIONAL_KEYS
+    ]
+    name = document.get("profile")
+    if "profile" in document and (
+        not isinstance(name, str) or len(name) > MAX_PROFILE_NAME or not PROFILE_NAME.match(name)
+    ):
+        errors.append(
+            "profile: must be lower-case letters, digits, '.', '_' or '-', in parts joined by '/' "
+            f"(e.g. llama-3.1-8b/l4/tpot-40ms), at most {MAX_PROFILE_NAME} characters, got {name!r}"
+        )
+    if "source" in document and document["source"] != "measured":
+        errors.append(f"source: must be 'measured', got {document['source']!r}")
+    if "model" in document and (not isinstance(document["model"], str) or not document["model"]):
+        errors.append(f"model: must be a non-empty string, got {document['model']!r}")
+    tpot = document.get("tpotSeconds")
+    if "tpotSeconds" in document and not (
+        isinstance(tpot, int | float)
+        and not isinstance(tpot, bool)
+        and math.isfinite(tpot)
+        and tpot > 0
+    ):
+        errors.append(f"tpotSeconds: must be a number > 0, got {tpot!r}")
+    if "measurement" in document and not isinstance(document["measurement"], Mapping):
+        errors.append("measurement: must be a mapping")
+    if "description" in document and not isinstance(document["description"], str):
+        errors.append("description: must be a string")
+
+    # the GPU entry and the edges, by the allocation's own rules
+    buckets = document.get("buckets")
+    ins = buckets.get("inputTokens") if isinstance(buckets, Mapping) else None
+    outs = buckets.get("outputTokens") if isinstance(buckets, Mapping) else None
+    distribution: list[list[int]] = []
+    if isinstance(ins, list) and isinstance(outs, list) and len(ins) >= 2 and len(outs) >= 2:
+        distribution = [[0] * (len(outs) - 1) for _ in range(len(ins) - 1)]
+    spec = {
+        "buckets": buckets,
+        "workload": {"distribution": distribution, "totalRate": 0},
+        "gpus": [{key: document[key] for key in GPU_ENTRY_KEYS if key in document}],
+    }
+    try:
+        api.validate_spec(spec, prefix="")
+    except api.SpecError as exc:
+        for error in exc.errors:
+            path = error.path.removeprefix("gpus[0].")
+            if path.startswith(("workload", "gpus")):  # consequences of errors reported above
+                continue
+            line = f"{path}: {error.message}" if path else error.message
+            if line not in errors and not (
+                path in GPU_ENTRY_KEYS and f"{path}: is required" in errors
+            ):
+                errors.append(line)
+    return errors
+
+
+@dataclass(frozen=True)
+class UserProfiles:
+    documents: dict[str, tuple[Path, dict[str, Any]]]  # profile name -> (file, document)
+    problems: list[str]  # files that could not be used, each with the reason
+
+
+def load_user_profiles(directory: Path) -> UserProfiles:
+    """The valid profiles in `directory` (`*.yaml`), and a line per file that is not one."""
+    documents: dict[str, tuple[Path, dict[str, Any]]] = {}
+    problems: list[str] = []
+    if not directory.is_dir():
+        return UserProfiles(documents, problems)
+    for path in sorted(directory.glob("*.yaml")):
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            problems.append(f"{path}: cannot read: {exc}")
+            continue
+        errors = validate_profile(document)
+        if errors:
+            problems.append(f"{path}: not a valid profile: {errors[0]}")
+            continue
+        name = str(document["profile"])
+        if name in documents:
+            problems.append(f"{path}: profile {name!r} is also in {documents[name][0]}")
+            continue
+        documents[name] = (path, document)
+    return UserProfiles(documents, problems)
+
+
+def render_user_profile(document: Mapping[str, Any], origin: str) -> str:
+    header = f"# A measured profile, imported by `melange profiles import` from {origin}.\n"
+    return header + yaml.safe_dump(
+        dict(document), sort_keys=False, default_flow_style=None, width=100
+    )
+
+
+def import_profile(source: str, text: str, directory: Path, *, force: bool = False) -> Path:
+    """Validate a measured profile (YAML or JSON `text`) and write it into `directory`.
+
+    Returns the file written. Raises `ProfileError` listing every problem, or when a different
+    user profile of that name exists and `force` is not set.
+    """
+    from melange.profiles.build import file_name
+
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ProfileError([f"{source}: not valid YAML: {exc}"]) from None
+    if len(documents) != 1:
+        raise ProfileError([f"{source}: must hold exactly one document, got {len(documents)}"])
+    document = documents[0]
+    errors = validate_profile(document)
+    if errors:
+        raise ProfileError([f"{source}: {e}" for e in errors])
+    target = directory / file_name(str(document["profile"]))
+    if target.exists() and not force:
+        existing = yaml.safe_load(target.read_text(encoding="utf-8"))
+        if existing != document:
+            raise ProfileError(
+                [
+                    f"{target}: a different profile {document['profile']!r} is already there; "
+                    "pass --force to replace it"
+                ]
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    temporary.write_text(render_user_profile(document, source), encoding="utf-8")
+    temporary.replace(target)
+    return target
+
+
+def is_shipped(name: str) -> bool:
+    return name in _documents()
 
 
 def gpu_entry(profile: Mapping[str, Any]) -> dict[str, Any]:
     """Just `name`, `costPerHour`, `throughput`: `spec.gpus[]` rejects the metadata keys."""
     return {key: profile[key] for key in GPU_ENTRY_KEYS}
+
+
+# --- comparing profiles ---------------------------------------------------------------------------
+
+
+def cost_per_million(cost_per_hour: float, throughput: float) -> float | None:
+    """What a million requests of one bucket cost on a GPU type at its full SLO throughput.
+
+    Rounded to 6 decimals (of the currency of `costPerHour`); None when it cannot serve the bucket.
+    """
+    if throughput <= 0:
+        return None
+    return round(cost_per_hour / (throughput * 3600.0) * 1e6, 6)
+
+
+def compare_profiles(documents: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Cost per million requests per bucket across profiles, and which profile is cheapest.
+
+    `documents` maps profile names to profile documents, which must share their bucket edges
+    (else `ProfileError`). A bucket no profile can serve has no winner; ties go to the profile
+    given first.
+    """
+    if not documents:
+        raise ProfileError(["no profile to compare"])
+    names = list(documents)
+    first = names[0]
+    edges = documents[first]["buckets"]
+    mismatched = [n for n in names[1:] if documents[n]["buckets"] != edges]
+    if mismatched:
+        other = documents[mismatched[0]]["buckets"]
+        raise ProfileError(
+            [
+                f"profiles must share bucket edges to be compared: {first} has inputTokens "
+                f"{edges['inputTokens']}, outputTokens {edges['outputTokens']}; "
+                f"{mismatched[0]} has inputTokens {other['inputTokens']}, "
+                f"outputTokens {other['outputTokens']}"
+            ]
+        )
+    ins, outs = list(edges["inputTokens"]), list(edges["outputTokens"])
+    rows = []
+    for i in range(len(ins) - 1):
+        for j in range(len(outs) - 1):
+            costs = {
+                n: cost_per_million(
+                    float(documents[n]["costPerHour"]), float(documents[n]["throughput"][i][j])
+                )
+                for n in names
+            }
+            served = [(c, k, n) for k, (n, c) in enumerate(costs.items()) if c is not None]
+            rows.append(
+                {
+                    "inputTokens": [ins[i], ins[i + 1]],
+                    "outputTokens": [outs[j], outs[j + 1]],
+                    "costPerMillion": costs,
+                    "winner": min(served)[2] if served else None,
+                }
+            )
+    return {
+        "profiles": [
+            {"profile": n, "gpu": documents[n]["name"], "costPerHour": documents[n]["costPerHour"]}
+            for n in names
+        ],
+        "buckets": {"inputTokens": ins, "outputTokens": outs},
+        "rows": rows,
+    }

@@ -1,0 +1,100 @@
+{{- /*
+Names, labels and the RBAC rules shared by the ClusterRole and the per-namespace Roles.
+*/ -}}
+
+{{- define "melange-operator.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- /* Release-qualified name; the release name alone when it already contains the chart name. */ -}}
+{{- define "melange-operator.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "melange-operator.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- /* Selector labels: name and instance only, because selectors are immutable. */ -}}
+{{- define "melange-operator.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "melange-operator.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "melange-operator.labels" -}}
+{{ include "melange-operator.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ include "melange-operator.chart" . }}
+{{- end }}
+
+{{- define "melange-operator.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "melange-operator.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "melange-operator.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- /*
+What the operator does with the API, and nothing more:
+- allocations: Kopf lists and watches them, and merge-patches their annotations (the last handled
+  spec and handler progress, under melange.dev/); the operator writes status through /status;
+- events: Kopf posts core v1 Events (create only);
+- each scale target: get+patch on <resource>/scale, or get+patch on the object itself for kinds
+  whose replica count the operator sets through spec.gpus[].replicasPath;
+- optionally, the Secrets and ConfigMaps that hold a Prometheus rate source's token and CA.
+*/ -}}
+{{- define "melange-operator.rules" -}}
+- apiGroups: ["melange.dev"]
+  resources: ["melangeallocations"]
+  verbs: ["list", "watch", "patch"]
+- apiGroups: ["melange.dev"]
+  resources: ["melangeallocations/status"]
+  verbs: ["patch"]
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- range .Values.rbac.scaleTargets }}
+- apiGroups: [{{ .apiGroup | quote }}]
+  {{- if eq (default "scale" .via) "scale" }}
+  resources: [{{ printf "%s/scale" .resource | quote }}]
+  {{- else }}
+  resources: [{{ .resource | quote }}]
+  {{- end }}
+  verbs: ["get", "patch"]
+{{- end }}
+{{- with .Values.rbac.rateSourceCredentials }}
+{{- if .enabled }}
+- apiGroups: [""]
+  resources: ["secrets"]
+  {{- with .secretNames }}
+  resourceNames: {{ toJson . }}
+  {{- end }}
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["configmaps"]
+  {{- with .configMapNames }}
+  resourceNames: {{ toJson . }}
+  {{- end }}
+  verbs: ["get"]
+{{- end }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,119 @@
+"""A small async client for Prometheus' HTTP API (`GET /api/v1/query`), on aiohttp.
+
+One pooled session for the whole operator. Each query has a total timeout, an optional bearer token
+and an optional CA bundle; TLS is always verified (with the system's CAs unless a CA is given).
+Every failure comes back as a `melange.rates.RateError` whose message names what went wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import ssl
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from melange.rates import InvalidResponse, PrometheusUnavailable, parse_query_response
+
+MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+USER_AGENT = "melange-operator"
+
+
+def query_url(base_url: str) -> str:
+    """Prometheus' query endpoint under its base URL (which may carry a path prefix)."""
+    return base_url.rstrip("/") + "/api/v1/query"
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc or url
+
+
+class PrometheusClient:
+    """Instant queries against any number of Prometheus servers, one connection pool."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                headers={"User-Agent": USER_AGENT, "Accept": "application/json"},
+                connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=60),
+            )
+        return self._session
+
+    def _ssl(self, ca_pem: str | None) -> ssl.SSLContext | bool:
+        if not ca_pem:
+            return True  # aiohttp's default: verified against the system's CAs
+        key = hashlib.sha256(ca_pem.encode()).hexdigest()
+        context = self._contexts.get(key)
+        if context is None:
+            context = ssl.create_default_context(cadata=ca_pem)
+            if len(self._contexts) >= 32:  # bounded: CAs rotate
+                self._contexts.clear()
+            self._contexts[key] = context
+        return context
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def query_rate(
+        self,
+        base_url: str,
+        query: str,
+        *,
+        bearer_token: str | None = None,
+        ca_pem: str | None = None,
+        timeout: float = 10.0,
+    ) -> float:
+        """The query's single value, as a rate (finite, >= 0); else a `RateError`."""
+        url = query_url(base_url)
+        headers = {"Authorization": f"Bearer {bearer_token}"} if bearer_token else {}
+        try:
+            context = self._ssl(ca_pem)
+        except (ssl.SSLError, ValueError) as exc:
+            raise PrometheusUnavailable(f"the CA certificate is not usable PEM: {exc}") from None
+        # Prometheus stops evaluating a little before we stop waiting, so a slow query comes back
+        # with its own error message rather than our timeout.
+        params = {"query": query, "timeout": f"{max(round(timeout * 1000) - 500, 500)}ms"}
+        try:
+            async with self._get_session().get(
+                url,
+                params=params,
+                headers=headers,
+                ssl=context,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+            ) as response:
+                body = bytearray()
+                async for chunk in response.content.iter_chunked(64 * 1024):
+                    body += chunk
+                    if len(body) > MAX_RESPONSE_BYTES:
+                        raise InvalidResponse(
+                            f"the answer from {url} is larger than {MAX_RESPONSE_BYTES} bytes"
+                        )
+                status = response.status
+        except TimeoutError:
+            raise PrometheusUnavailable(
+                f"no answer from {url} within {timeout:g} s (timed out)"
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise PrometheusUnavailable(
+                f"TLS certificate of {_host(url)} not trusted: {exc.certificate_error}"
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise PrometheusUnavailable(f"TLS error talking to {_host(url)}: {exc}") from None
+        except aiohttp.ClientConnectorError as exc:
+            errno = exc.os_error.errno
+            reason = os.strerror(errno) if errno else str(exc.os_error)
+            raise PrometheusUnavailable(f"cannot connect to {_host(url)}: {reason}") from None
+        except aiohttp.ClientError as exc:
+            raise PrometheusUnavailable(
+                f"request to {url} failed: {type(exc).__name__}: {exc}"
+            ) from None
+        return parse_query_response(status, bytes(body), url)

@@ -1,0 +1,147 @@
+"""A Helm release of the chart in the test control plane, and the operator run with its identity.
+
+The control plane has no kubelet, so the chart's Deployment never gets a pod. The operator runs
+out of cluster instead (`melange run --kubeconfig`), with a token of the chart's ServiceAccount
+from the TokenRequest API: exactly the permissions the chart's RBAC grants, nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from base64 import b64encode
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+from kubernetes import client
+
+from tests.controlplane.harness import ControlPlane
+from tests.e2e.kube import Kube
+from tests.e2e.operator_process import MELANGE, terminate, wait_healthy
+
+from .helm import CHART, helm, values_args
+
+TOKEN_SECONDS = 3600
+
+
+class Release:
+    """`helm install|upgrade|uninstall` of the chart as `name` in `namespace`."""
+
+    def __init__(
+        self, control_plane: ControlPlane, name: str, namespace: str, workdir: Path
+    ) -> None:
+        self.control_plane = control_plane
+        self.name = name
+        self.namespace = namespace
+        self.workdir = workdir
+        self.fullname = f"{name}-melange-operator"
+        self.installed = False
+
+    def _helm(self, *args: str, values: Mapping[str, Any] | None = None) -> str:
+        return helm(
+            *args,
+            "--namespace",
+            self.namespace,
+            *values_args(values, self.workdir),
+            env=self.control_plane.env(),
+        )
+
+    def install(self, values: Mapping[str, Any] | None = None) -> str:
+        # No --wait: without a kubelet the operator's pod never becomes ready.
+        out = self._helm("install", self.name, str(CHART), values=values)
+        self.installed = True
+        return out
+
+    def upgrade(self, values: Mapping[str, Any] | None = None) -> str:
+        return self._helm("upgrade", self.name, str(CHART), values=values)
+
+    def uninstall(self) -> str:
+        out = self._helm("uninstall", self.name)
+        self.installed = False
+        return out
+
+    def kubeconfig(self, kube: Kube, path: Path) -> Path:
+        """A kubeconfig with a fresh token of the chart's ServiceAccount and the cluster's CA."""
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS)
+        )
+        status = (
+            client.CoreV1Api(kube.api_client)
+            .create_namespaced_service_account_token(self.fullname, self.namespace, request)
+            .status
+        )
+        assert status is not None
+        token = status.token
+        user = f"system:serviceaccount:{self.namespace}:{self.fullname}"
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {
+                        "server": self.control_plane.server,
+                        "certificate-authority-data": b64encode(
+                            self.control_plane.ca_path.read_bytes()
+                        ).decode(),
+                    },
+                }
+            ],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
+            "current-context": "test",
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        path.chmod(0o600)
+        return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class OperatorRun:
+    """`melange run --kubeconfig FILE [-n NS ...]`, as the chart's Deployment would run it."""
+
+    def __init__(self, kubeconfig: Path, namespaces: Sequence[str], log_path: Path) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespaces = list(namespaces)
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        health, metrics = _free_port(), _free_port()
+        self._log = self.log_path.open("ab")
+        argv = [MELANGE, "run", *(f"--namespace={ns}" for ns in self.namespaces)]
+        argv += [
+            f"--kubeconfig={self.kubeconfig}",
+            f"--liveness=http://127.0.0.1:{health}/healthz",
+            f"--metrics-port={metrics}",
+            "--metrics-address=127.0.0.1",
+            "--verbose",
+        ]
+        self.process = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            # No admin credentials from the environment: the kubeconfig is the only identity.
+            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+        )
+
+        wait_healthy(self.process, f"http://127.0.0.1:{health}/healthz", self.log)
+
+    def stop(self) -> None:
+        terminate(self.process)
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -1,0 +1,503 @@
+"""The chart as rendered by the real helm: lint, every documented option, the values schema.
+
+`helm template` output is parsed and checked object by object (the pytest stand-in for
+helm-unittest). RBAC rules are compared as whole lists: a rule too many is as wrong as one missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from melange import metrics
+
+from .expected import BASE_RULES, DEFAULT_RULES, LABELS, SELECTOR
+from .helm import (
+    CHART,
+    FULLNAME,
+    RELEASE,
+    RELEASE_NAMESPACE,
+    REPO,
+    HelmError,
+    Manifest,
+    find,
+    helm,
+    kinds,
+    one,
+    render,
+)
+
+SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+
+
+def container(manifests: list[Manifest]) -> dict[str, Any]:
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["operator"]
+    return dict(pod["containers"][0])
+
+
+# -- lint ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        [],
+        ["--set", "watchNamespaces={team-a,team-b}"],
+        ["--set", "metrics.serviceMonitor.enabled=true,grafanaDashboard.enabled=true"],
+        ["--set", "rbac.rateSourceCredentials.enabled=true"],
+        ["--set", "rbac.create=false,serviceAccount.create=false,serviceAccount.name=ops"],
+    ],
+    ids=["defaults", "namespaced", "monitoring", "credentials", "no-rbac"],
+)
+def test_lint_strict(options: list[str]) -> None:
+    out = helm("lint", "--strict", str(CHART), *options)
+    assert "1 chart(s) linted, 0 chart(s) failed" in out
+
+
+def test_chart_metadata_follows_the_package() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert chart["apiVersion"] == "v2"
+    assert chart["appVersion"] == project["version"]
+    assert chart["kubeVersion"] == ">=1.29.0-0"
+
+
+# -- defaults --------------------------------------------------------------------------------------
+
+
+def test_defaults_render_a_cluster_wide_operator() -> None:
+    manifests = render()
+    assert kinds(manifests) == [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "Deployment",
+        "Service",
+        "ServiceAccount",
+    ]
+    for manifest in manifests:
+        assert manifest["metadata"]["labels"] == LABELS, manifest["kind"]
+        namespaced = manifest["kind"] not in {"ClusterRole", "ClusterRoleBinding"}
+        assert manifest["metadata"].get("namespace") == (RELEASE_NAMESPACE if namespaced else None)
+    assert one(manifests, "ClusterRole", FULLNAME)["rules"] == DEFAULT_RULES
+    binding = one(manifests, "ClusterRoleBinding", FULLNAME)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": FULLNAME,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NAMESPACE}
+    ]
+
+
+def test_deployment_runs_one_hardened_operator() -> None:
+    manifests = render()
+    deployment = one(manifests, "Deployment", FULLNAME)
+    spec = deployment["spec"]
+    assert spec["replicas"] == 1
+    assert spec["strategy"] == {"type": "Recreate"}
+    assert spec["selector"] == {"matchLabels": SELECTOR}
+    assert spec["template"]["metadata"]["labels"] == LABELS
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == one(manifests, "ServiceAccount")["metadata"]["name"]
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+    operator = container(manifests)
+    assert operator["image"] == "melange-operator:0.1.0"
+    assert operator["command"] == ["melange", "run"]
+    assert operator["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=8000"]
+    assert operator["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert operator["resources"] == {
+        "requests": {"cpu": "100m", "memory": "128Mi"},
+        "limits": {"cpu": "1", "memory": "512Mi"},
+    }
+    # The probe asks the endpoint that --liveness serves.
+    ports = {p["name"]: p["containerPort"] for p in operator["ports"]}
+    assert ports == {"metrics": 8000, "healthz": 8080}
+    probe = operator["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert {"initialDelaySeconds", "periodSeconds", "timeoutSeconds", "failureThreshold"} <= set(
+        probe
+    )
+    # A writable /tmp on the read-only root: the Kubernetes client caches API discovery there.
+    assert operator["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
+    assert pod["volumes"] == [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}]
+
+
+def test_metrics_service_selects_the_operator_pod() -> None:
+    manifests = render({"metrics": {"port": 9100}})
+    service = one(manifests, "Service", f"{FULLNAME}-metrics")
+    assert service["spec"]["selector"] == SELECTOR
+    assert service["spec"]["ports"] == [
+        {"name": "metrics", "port": 9100, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    operator = container(manifests)
+    assert "--metrics-port=9100" in operator["args"]
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in operator["ports"]
+
+
+def test_every_pod_option_reaches_the_pod() -> None:
+    values = {
+        "replicaCount": 0,
+        "verbose": True,
+        "image": {"pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"example.com/team": "serving"},
+        "podLabels": {"team": "serving"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+        "livenessProbe": {"periodSeconds": 30, "failureThreshold": 5},
+        "resources": {"requests": {"cpu": "50m"}, "limits": {"memory": "1Gi"}},
+        "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}},
+        "metrics": {"service": {"annotations": {"prometheus.io/scrape": "true"}}},
+    }
+    manifests = render(values)
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 0
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["annotations"] == values["podAnnotations"]
+    assert template["metadata"]["labels"] == {**LABELS, "team": "serving"}
+    pod = template["spec"]
+    for key in ["imagePullSecrets", "priorityClassName", "nodeSelector", "tolerations", "affinity"]:
+        assert pod[key] == values[key], key
+    operator = container(manifests)
+    assert operator["imagePullPolicy"] == "Always"
+    assert operator["args"][-1] == "--verbose"
+    assert operator["resources"] == {  # maps merge with the defaults
+        "requests": {"cpu": "50m", "memory": "128Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    }
+    assert operator["livenessProbe"]["periodSeconds"] == 30
+    assert operator["livenessProbe"]["failureThreshold"] == 5
+    assert one(manifests, "ServiceAccount")["metadata"]["annotations"] == {
+        "eks.amazonaws.com/role-arn": "arn:x"
+    }
+    assert one(manifests, "Service")["metadata"]["annotations"] == {"prometheus.io/scrape": "true"}
+
+
+def test_ids_can_be_left_to_the_platform() -> None:
+    """OpenShift's restricted SCC assigns the UID: null removes the chart's."""
+    values = {"podSecurityContext": {"runAsUser": None, "runAsGroup": None}}
+    pod = one(render(values), "Deployment")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def test_names_can_be_overridden() -> None:
+    manifests = render({"nameOverride": "melange"})
+    assert one(manifests, "Deployment")["metadata"]["name"] == f"{RELEASE}-melange"
+    assert one(manifests, "Deployment")["spec"]["selector"]["matchLabels"] == {
+        **SELECTOR,
+        "app.kubernetes.io/name": "melange",
+    }
+    manifests = render({"fullnameOverride": "mo"})
+    assert {m["metadata"]["name"] for m in manifests} == {"mo", "mo-metrics"}
+
+
+# -- namespaces and RBAC ---------------------------------------------------------------------------
+
+
+def test_watch_namespaces_get_a_role_each_and_no_cluster_role() -> None:
+    manifests = render({"watchNamespaces": ["team-a", "team-b"]})
+    assert not find(manifests, "ClusterRole")
+    assert not find(manifests, "ClusterRoleBinding")
+    roles = find(manifests, "Role")
+    assert [(r["metadata"]["name"], r["metadata"]["namespace"]) for r in roles] == [
+        (FULLNAME, "team-a"),
+        (FULLNAME, "team-b"),
+    ]
+    assert all(r["rules"] == DEFAULT_RULES for r in roles)
+    bindings = find(manifests, "RoleBinding")
+    assert [b["metadata"]["namespace"] for b in bindings] == ["team-a", "team-b"]
+    for binding in bindings:
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": FULLNAME,
+        }
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NAMESPACE}
+        ]
+    assert container(manifests)["args"] == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--liveness=http://0.0.0.0:8080/healthz",
+        "--metrics-port=8000",
+    ]
+
+
+def test_scale_targets_grant_the_scale_subresource_or_the_object() -> None:
+    targets = [
+        {"apiGroup": "apps", "resource": "statefulsets"},  # via defaults to scale
+        {"apiGroup": "karpenter.sh", "resource": "nodepools", "via": "replicasPath"},
+    ]
+    rules = one(render({"rbac": {"scaleTargets": targets}}), "ClusterRole")["rules"]
+    assert rules == [
+        *BASE_RULES,
+        {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["karpenter.sh"], "resources": ["nodepools"], "verbs": ["get", "patch"]},
+    ]
+    assert one(render({"rbac": {"scaleTargets": []}}), "ClusterRole")["rules"] == BASE_RULES
+
+
+def test_rate_source_credentials_are_off_by_default_and_can_be_narrowed() -> None:
+    for manifest in render():
+        for rule in manifest.get("rules", []):
+            assert not {"secrets", "configmaps"} & set(rule["resources"])
+
+    rules = one(render({"rbac": {"rateSourceCredentials": {"enabled": True}}}), "ClusterRole")[
+        "rules"
+    ]
+    assert rules == [
+        *DEFAULT_RULES,
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+    ]
+    narrowed = {
+        "enabled": True,
+        "secretNames": ["prometheus-token"],
+        "configMapNames": ["prometheus-ca", "other-ca"],
+    }
+    manifests = render({"watchNamespaces": ["team-a"], "rbac": {"rateSourceCredentials": narrowed}})
+    assert one(manifests, "Role")["rules"][-2:] == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "resourceNames": ["prometheus-token"],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": ["prometheus-ca", "other-ca"],
+            "verbs": ["get"],
+        },
+    ]
+
+
+def test_rbac_and_service_account_can_be_brought_by_the_user() -> None:
+    manifests = render(
+        {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "x"}}
+    )
+    assert kinds(manifests) == ["Deployment", "Service"]
+    assert one(manifests, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "x"
+
+    with pytest.raises(HelmError, match=r"serviceAccount\.name is required"):
+        render({"serviceAccount": {"create": False}})
+
+    named = render({"serviceAccount": {"name": "melange"}})
+    assert one(named, "ServiceAccount")["metadata"]["name"] == "melange"
+    assert one(named, "ClusterRoleBinding")["subjects"][0]["name"] == "melange"
+
+
+# -- monitoring ------------------------------------------------------------------------------------
+
+
+def test_service_monitor_only_when_enabled() -> None:
+    assert not find(render(api_versions=[SERVICE_MONITOR_API]), "ServiceMonitor")
+    values = {
+        "metrics": {
+            "serviceMonitor": {
+                "enabled": True,
+                "labels": {"release": "kube-prometheus-stack"},
+                "interval": "15s",
+                "scrapeTimeout": "10s",
+            }
+        }
+    }
+    monitor = one(render(values, api_versions=[SERVICE_MONITOR_API]), "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"] == {**LABELS, "release": "kube-prometheus-stack"}
+    assert monitor["spec"] == {
+        "selector": {"matchLabels": SELECTOR},
+        "namespaceSelector": {"matchNames": [RELEASE_NAMESPACE]},
+        "endpoints": [
+            {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+        ],
+    }
+
+
+def _exported_names() -> set[str]:
+    """Every series name the operator exports, from the metric definitions themselves."""
+    suffixes = {"counter": ["_total"], "gauge": [""], "histogram": ["_bucket", "_sum", "_count"]}
+    return {
+        family.name + suffix
+        for family in metrics.REGISTRY.collect()
+        for suffix in suffixes[family.type]
+    }
+
+
+def test_grafana_dashboard_shows_only_metrics_the_operator_exports() -> None:
+    assert not find(render(), "ConfigMap")
+    manifests = render({"grafanaDashboard": {"enabled": True, "namespace": "monitoring"}})
+    config_map = one(manifests, "ConfigMap", f"{FULLNAME}-dashboard")
+    assert config_map["metadata"]["namespace"] == "monitoring"
+    assert config_map["metadata"]["labels"] == {**LABELS, "grafana_dashboard": "1"}
+    dashboard = json.loads(config_map["data"]["melange-operator.json"])
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"\bmelange_[a-z_]+", expr)}
+    assert used <= _exported_names(), used - _exported_names()
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ["cost", "replicas per gpu type", "request rate", "re-solves"]:
+        assert topic in titles
+
+
+# -- values and schema -----------------------------------------------------------------------------
+
+
+def _keys_with_comments(text: str) -> list[tuple[str, str]]:
+    """(dotted key, the comment block just above it) for every mapping key of values.yaml."""
+    result: list[tuple[str, str]] = []
+    stack: list[tuple[int, str]] = []
+    comment: list[str] = []
+    sequence_indent: int | None = None  # inside the items of a list: documented by the list
+    for line in text.splitlines():
+        stripped = line.strip()
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("#"):
+            comment.append(stripped.lstrip("# "))
+            continue
+        if stripped.startswith("- "):
+            sequence_indent = indent if sequence_indent is None else sequence_indent
+        if sequence_indent is not None and indent >= sequence_indent:
+            comment = []
+            continue
+        sequence_indent = None
+        match = re.match(r"([A-Za-z_][\w.-]*):", stripped)
+        if not match:
+            comment = []
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        path = ".".join([*(k for _, k in stack), match.group(1)])
+        result.append((path, " ".join(comment)))
+        stack.append((indent, match.group(1)))
+        comment = []
+    return result
+
+
+# Values that are Kubernetes objects passed through as they are: documented as a whole.
+PASS_THROUGH = ("resources.", "podSecurityContext.", "securityContext.", "grafanaDashboard.labels.")
+
+
+def test_every_value_is_documented_by_a_comment_starting_with_its_name() -> None:
+    keys = _keys_with_comments((CHART / "values.yaml").read_text())
+    assert len(keys) > 30
+    undocumented = [
+        path
+        for path, comment in keys
+        if not path.startswith(PASS_THROUGH) and not comment.startswith(path + " ")
+    ]
+    assert not undocumented
+
+
+def test_schema_closes_every_object_and_accepts_the_defaults() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+    def walk(node: Any, path: str) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                assert node.get("additionalProperties") is False, path
+            for key, child in node.items():
+                walk(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for index, child in enumerate(node):
+                walk(child, f"{path}/{index}")
+
+    walk(schema, "")
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) == set(schema["properties"])
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"replicas": 2}, "at '': additional properties 'replicas' not allowed"),
+        ({"image": {"tagg": "x"}}, "at '/image': additional properties 'tagg' not allowed"),
+        (
+            {"metrics": {"serviceMonitor": {"enable": True}}},
+            "at '/metrics/serviceMonitor': additional properties 'enable' not allowed",
+        ),
+        ({"replicaCount": 2}, "at '/replicaCount': maximum: got 2, want 1"),
+        (
+            {"rbac": {"scaleTargets": [{"apiGroup": "apps", "resource": "x", "via": "patch"}]}},
+            "at '/rbac/scaleTargets/0/via'",
+        ),
+        (
+            {"rbac": {"scaleTargets": [{"resource": "deployments"}]}},
+            "at '/rbac/scaleTargets/0': missing property 'apiGroup'",
+        ),
+        ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
+        ({"metrics": {"port": 8080}}, "at '/metrics/port'"),
+    ],
+)
+def test_schema_rejects_bad_values_naming_the_key(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(HelmError) as error:
+        render(values)
+    assert "values don't meet the specifications of the schema" in str(error.value)
+    assert message in str(error.value)
+
+
+# -- image and CRD ---------------------------------------------------------------------------------
+
+
+def test_image_tag_defaults_to_app_version_and_a_digest_wins() -> None:
+    assert container(render({"image": {"tag": "dev"}}))["image"] == "melange-operator:dev"
+    digest = "sha256:" + "ab" * 32
+    pinned = render({"image": {"repository": "registry.example/melange", "digest": digest}})
+    assert container(pinned)["image"] == f"registry.example/melange@{digest}"
+
+
+def test_crd_comes_from_the_single_file_in_crds(tmp_path: Path) -> None:
+    link = CHART / "crds" / "melangeallocations.melange.dev.yaml"
+    source = REPO / "crds" / "melangeallocations.melange.dev.yaml"
+    assert link.is_symlink()
+    assert link.resolve() == source.resolve()
+
+    crds = find(render(include_crds=True), "CustomResourceDefinition")
+    assert crds == [yaml.safe_load(source.read_text())]
+
+    # A packaged chart holds the file itself, not the link.
+    helm("package", str(CHART), "--destination", str(tmp_path))
+    with tarfile.open(tmp_path / "melange-operator-0.1.0.tgz") as archive:
+        member = archive.getmember("melange-operator/crds/melangeallocations.melange.dev.yaml")
+        assert member.isfile()
+        extracted = archive.extractfile(member)
+        assert extracted is not None
+        assert extracted.read() == source.read_bytes()
+
+
+def test_readme_metrics_section_lists_every_metric() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Metrics\n", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(melange_[a-z_]+)`", section))
+    families = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for family in metrics.REGISTRY.collect()
+    }
+    assert listed == families

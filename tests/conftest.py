@@ -1,0 +1,33 @@
+"""Session fixtures shared by the end-to-end suites (tests/e2e, tests/chart): one real control plane."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.controlplane.harness import ControlPlane
+from tests.e2e.kube import CRD_FILE, MANIFESTS, Kube
+
+
+@pytest.fixture(scope="session")
+def control_plane() -> Iterator[ControlPlane]:
+    with ControlPlane() as cp:
+        yield cp
+
+
+@pytest.fixture(scope="session")
+def kube(control_plane: ControlPlane) -> Kube:
+    """A client with the CRDs installed and established."""
+    k = Kube(control_plane.kubeconfig_path)
+    for document in [*k.apply_file(CRD_FILE), *k.apply_file(MANIFESTS / "test-targets.yaml")]:
+        k.wait_established(document["metadata"]["name"])
+    return k
+
+
+@pytest.fixture
+def namespace(kube: Kube) -> str:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    kube.create_namespace(name)
+    return name
