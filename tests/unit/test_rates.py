@@ -578,7 +578,8 @@ def test_client_verifies_tls_and_trusts_the_given_ca() -> None:
 
 
 def test_rate_state_resumes_from_the_status() -> None:
-    from melange.handlers import RateState, Reconciled
+    from melange.ratewatch import RateState
+    from melange.reconciler import Reconciled
 
     status = {
         "solvedRate": 68,

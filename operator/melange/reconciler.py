@@ -1,0 +1,156 @@
+"""The shared reconcile of one allocation, called by the Kopf handlers and by the rate loop.
+
+Validate -> solve (in a worker thread) -> bring every node pool to the plan, patching only those
+that differ -> compute the status once -> the Events to post (transitions only). The caller writes
+the status and posts the Events: Kopf through its patch, the rate loop through the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from melange import api, conditions, metrics, reconcile, solver
+from melange.conditions import Condition
+from melange.scaling import ScaleError, Scaler
+
+# -- the shared reconcile -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class Reconciled:
+    """What a reconcile did and what to write: the status fields (None deletes) and the Events."""
+
+    status: dict[str, Any] = field(default_factory=dict)
+    events: list[EventSpec] = field(default_factory=list)
+    failed: list[reconcile.ScaleOutcome] = field(default_factory=list)
+    solved_rate: float | None = None  # the rate a plan (feasible or not) was solved for
+
+
+def condition_event(condition: Condition) -> EventSpec:
+    kind = "Normal" if condition.status == "True" else "Warning"
+    return EventSpec(kind, condition.reason, condition.message[:1024])
+
+
+def _set_conditions(
+    result: Reconciled,
+    status: Mapping[str, Any],
+    updates: Sequence[Condition],
+    generation: int,
+    now: datetime,
+    keep_rate_observed: bool,
+) -> None:
+    """Set the whole conditions list; an Event when Ready changed status or reason."""
+    before = status.get("conditions")
+    if not keep_rate_observed:  # no rate source (any more): no RateObserved condition
+        before = [
+            c
+            for c in before or ()
+            if not (isinstance(c, Mapping) and c.get("type") == conditions.RATE_OBSERVED)
+        ]
+    result.status["conditions"] = conditions.set_conditions(before, updates, generation, now)
+    result.status["observedGeneration"] = generation
+    ready = next(c for c in updates if c.type == conditions.READY)
+    if conditions.transitioned(before, ready):
+        result.events.append(condition_event(ready))
+
+
+async def _scale(
+    scaler: Scaler, namespace: str, spec: api.AllocationSpec, desired: Mapping[str, int]
+) -> list[reconcile.ScaleOutcome]:
+    """Bring each node pool to its target; one failing pool does not stop the others."""
+    outcomes = []
+    for gpu in spec.gpus:
+        target = reconcile.target_name(gpu)
+        ref = gpu.scale_target_ref
+        assert ref is not None  # checked by reconcile.operator_errors
+        try:
+            change = await asyncio.to_thread(
+                scaler.ensure_replicas, namespace, ref, gpu.replicas_path, desired[gpu.name]
+            )
+        except ScaleError as exc:
+            outcomes.append(
+                reconcile.ScaleOutcome(gpu.name, target, desired[gpu.name], error=str(exc))
+            )
+            continue
+        outcomes.append(
+            reconcile.ScaleOutcome(
+                gpu.name, target, change.current, previous=change.previous, patched=change.patched
+            )
+        )
+    return outcomes
+
+
+async def reconcile_core(
+    *,
+    namespace: str,
+    name: str,
+    raw_spec: Mapping[str, Any],
+    status: Mapping[str, Any],
+    generation: int,
+    trigger: str,
+    scaler: Scaler,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    now: datetime,
+    rate: float | None = None,
+    rate_condition: Condition | None = None,
+) -> Reconciled:
+    """Validate, solve for `rate` (None: spec.workload.totalRate), scale, and say what to write.
+
+    `rate_condition` is the current RateObserved condition, written along with the others.
+    """
+    result = Reconciled()
+    try:
+        parsed = api.validate_spec(dict(raw_spec))
+        missing = reconcile.operator_errors(parsed)
+        if missing:
+            raise api.SpecError(missing)
+    except api.SpecError as exc:
+        logger.warning("Invalid spec, node pools left as they are: %s", exc)
+        metrics.record_error(namespace, name, "InvalidSpec")
+        updates = reconcile.invalid_conditions(exc.errors)
+        _set_conditions(result, status, updates, generation, now, "rateSource" in raw_spec)
+        return result
+
+    with_rate = parsed.rate_source is not None
+    extra = [rate_condition] if with_rate and rate_condition is not None else []
+    if not with_rate:
+        result.status.update(reconcile.cleared_rate_status(status))
+    plan = await asyncio.to_thread(solver.solve_spec, parsed, rate)
+    result.solved_rate = plan.total_rate
+    metrics.record_plan(namespace, name, plan, trigger)
+    if not plan.solved:
+        logger.warning("No feasible plan, node pools left as they are: %s", plan.reason)
+        metrics.record_error(namespace, name, "Infeasible")
+        result.status["planStatus"] = plan.status
+        updates = reconcile.infeasible_conditions(plan)
+        _set_conditions(result, status, [*updates, *extra], generation, now, with_rate)
+        return result
+
+    desired = reconcile.desired_replicas(parsed, plan)
+    outcomes = [] if parsed.dry_run else await _scale(scaler, namespace, parsed, desired)
+    for outcome in outcomes:
+        if outcome.patched or outcome.error:
+            metrics.record_patch(namespace, name, outcome.gpu, ok=not outcome.error)
+        if outcome.patched:
+            message = f"{outcome.target} ({outcome.gpu}): {outcome.previous} -> {outcome.desired}"
+            logger.info("Scaled %s", message)
+            result.events.append(EventSpec("Normal", "Scaled", message))
+    result.status.update(reconcile.plan_status(plan, now))
+    updates = reconcile.plan_conditions(plan, outcomes, parsed.dry_run)
+    _set_conditions(result, status, [*updates, *extra], generation, now, with_rate)
+    result.failed = [o for o in outcomes if o.error]
+    if result.failed:
+        metrics.record_error(namespace, name, "ScaleFailed")
+    return result
