@@ -93,14 +93,15 @@ class Scaler:
                     self._dynamic.resources.invalidate_cache()
         raise ScaleError(f"the API server serves no kind {ref.kind} in {ref.api_version}")
 
-    def get_replicas(self, namespace: str, ref: ObjectReference, replicas_path: str | None) -> int:
+    def _read(self, namespace: str, ref: ObjectReference, replicas_path: str | None) -> int | None:
+        """The replica count, or None when the field at `replicas_path` is not set."""
         resource = self._resource(ref)
         try:
             if replicas_path:
                 obj = self._dynamic.get(resource, name=ref.name, namespace=namespace).to_dict()
                 value = _pointer_get(obj, replicas_path)
                 if value is None:
-                    return 0  # an unset replica count means zero, as for Deployments' defaults
+                    return None
                 if not isinstance(value, int):
                     raise ScaleError(f"{replicas_path} is not an integer: {value!r}")
                 return value
@@ -125,11 +126,12 @@ class Scaler:
     ) -> Change:
         """Patch the replica count to `desired`, and only if it differs (level-based, idempotent)."""
         for _ in range(CONFLICT_RETRIES):
-            current = self.get_replicas(namespace, ref, replicas_path)
+            read = self._read(namespace, ref, replicas_path)
+            current = 0 if read is None else read
             if current == desired:
                 return Change(current, desired)
             try:
-                self._patch(namespace, ref, replicas_path, current, desired)
+                self._patch(namespace, ref, replicas_path, read, desired)
             except ConflictError:
                 continue  # changed under us between read and write: read again
             except NotFoundError:
@@ -148,19 +150,21 @@ class Scaler:
         namespace: str,
         ref: ObjectReference,
         replicas_path: str | None,
-        current: int,
+        current: int | None,
         desired: int,
     ) -> None:
+        """Write `desired`; `current` is what was just read (None: the field at the path is unset)."""
         resource = self._resource(ref)
         if replicas_path:
             # `test` makes the write conditional on what was read, like a resourceVersion would.
-            body: Any = [
-                {"op": "test", "path": replicas_path, "value": current},
-                {"op": "replace", "path": replicas_path, "value": desired},
-            ]
-            obj = self._dynamic.get(resource, name=ref.name, namespace=namespace).to_dict()
-            if _pointer_get(obj, replicas_path) is None:
-                body = [{"op": "add", "path": replicas_path, "value": desired}]
+            body: Any = (
+                [{"op": "add", "path": replicas_path, "value": desired}]
+                if current is None
+                else [
+                    {"op": "test", "path": replicas_path, "value": current},
+                    {"op": "replace", "path": replicas_path, "value": desired},
+                ]
+            )
             self._dynamic.patch(
                 resource, body=body, name=ref.name, namespace=namespace, content_type=JSON_PATCH
             )
