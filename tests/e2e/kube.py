@@ -178,6 +178,29 @@ class Kube:
                 return dict(condition)
         return None
 
+    def wait_condition(
+        self,
+        name: str,
+        namespace: str,
+        type_: str,
+        status: str = "True",
+        reason: str | None = None,
+        message: str = "",
+        timeout: float = 60,
+    ) -> dict[str, Any]:
+        """Poll until the allocation's condition has that status (and reason, and message part)."""
+
+        def reached() -> dict[str, Any]:
+            condition = self.condition(name, namespace, type_)
+            assert condition is not None
+            assert condition["status"] == status, condition
+            if reason:
+                assert condition["reason"] == reason, condition
+            assert message in condition["message"], condition
+            return condition
+
+        return eventually(reached, timeout=timeout)
+
     def events(self, namespace: str, involved: str | None = None) -> list[dict[str, Any]]:
         items = client.CoreV1Api(self.api_client).list_namespaced_event(namespace).items
         result = [e.to_dict() for e in items]

@@ -95,15 +95,7 @@ def pool_versions(kube: Kube, namespace: str) -> dict[str, str]:
 def wait_ready(
     kube: Kube, name: str, namespace: str, status: str = "True", reason: str | None = None
 ) -> dict[str, Any]:
-    def ready() -> dict[str, Any]:
-        condition = kube.condition(name, namespace, "Ready")
-        assert condition is not None
-        assert condition["status"] == status, condition
-        if reason:
-            assert condition["reason"] == reason, condition
-        return condition
-
-    return eventually(ready, timeout=60)
+    return kube.wait_condition(name, namespace, "Ready", status, reason)
 
 
 def test_reconciles_every_kind_of_node_pool(

@@ -59,16 +59,7 @@ def wait_observed(
     message: str = "",
     timeout: float = 60,
 ) -> dict[str, Any]:
-    def observed() -> dict[str, Any]:
-        condition = kube.condition(name, namespace, "RateObserved")
-        assert condition is not None
-        assert condition["status"] == status, condition
-        if reason:
-            assert condition["reason"] == reason, condition
-        assert message in condition["message"], condition
-        return condition
-
-    return eventually(observed, timeout=timeout)
+    return kube.wait_condition(name, namespace, "RateObserved", status, reason, message, timeout)
 
 
 def at_plan_near(kube: Kube, name: str, namespace: str, rate: float) -> dict[str, int | None]:
