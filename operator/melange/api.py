@@ -34,9 +34,26 @@ class Buckets(_Model):
     output_tokens: list[int] = Field(alias="outputTokens", min_length=2)
 
 
+class DistributionSource(_Model):
+    """Follow the live request-size distribution: vLLM's prompt and generation token histograms.
+
+    Their increase over `windowSeconds` gives the matrix's row and column sums; the joint matrix is
+    fitted to them from `workload.distribution` (iterative proportional fitting). Read from
+    `rateSource.prometheus` (its URL and credentials), for `modelName` (default: the rate source's).
+    """
+
+    window_seconds: int = Field(default=3600, alias="windowSeconds", ge=10, le=7 * 86400)
+    drift_tolerance: float = Field(
+        default=0.1, alias="driftTolerance", gt=0, le=1, allow_inf_nan=False
+    )
+    min_requests: float = Field(default=100, alias="minRequests", ge=0, allow_inf_nan=False)
+    model_name: str | None = Field(default=None, alias="modelName", min_length=1, max_length=253)
+
+
 class Workload(_Model):
     distribution: list[list[NonNegativeNumber]]
     total_rate: float = Field(alias="totalRate", ge=0, allow_inf_nan=False)
+    from_prometheus: DistributionSource | None = Field(default=None, alias="fromPrometheus")
 
 
 class ObjectReference(_Model):

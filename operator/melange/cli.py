@@ -369,7 +369,7 @@ def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None] | No
 
 
 @main.command("workload")
-@click.argument("log", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("log", type=click.Path(dir_okay=False, allow_dash=True), required=False)
 @click.option(
     "--input-edges",
     help="Input-length bucket edges in tokens, comma-separated (e.g. the profiles' edges); "
@@ -390,29 +390,86 @@ def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None] | No
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, min_open=True),
-    help="Total request rate in req/s; default: from the timestamps' span.",
+    help="Total request rate in req/s; default: from the timestamps' span (with "
+    "--from-prometheus: the requests finished in the window).",
+)
+@click.option(
+    "--from-prometheus",
+    "prometheus_url",
+    metavar="URL",
+    help="Instead of a log: vLLM's prompt and generation token histograms in this Prometheus.",
+)
+@click.option("--model", help="With --from-prometheus: vLLM's model_name label.")
+@click.option(
+    "--window",
+    type=click.IntRange(10, 7 * 86400),
+    default=3600,
+    show_default=True,
+    help="With --from-prometheus: the histograms' increase over this many seconds.",
+)
+@click.option(
+    "--allocation",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="With --from-prometheus: take the edges and the prior matrix from this allocation "
+    "(default prior: uniform, which fits the product of the two marginals).",
+)
+@click.option(
+    "--bearer-token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="With --from-prometheus: send this file's token as a bearer token.",
+)
+@click.option(
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="With --from-prometheus: verify Prometheus' TLS certificate against this CA bundle.",
 )
 @_FORMAT
 def workload_command(
-    log: str,
+    log: str | None,
     input_edges: str | None,
     output_edges: str | None,
     buckets: int,
     rate: float | None,
+    prometheus_url: str | None,
+    model: str | None,
+    window: int,
+    allocation: str | None,
+    bearer_token_file: Path | None,
+    ca_file: Path | None,
     output: str,
 ) -> None:
-    """Print the spec's `buckets` and `workload` blocks for the requests in LOG ('-': stdin).
+    """Print the spec's `buckets` and `workload` blocks for the requests in LOG ('-': stdin), or
+    for those a vLLM deployment finished lately (--from-prometheus).
 
     LOG is JSON Lines or CSV (by its extension, else its first line), one request per line with
     input_tokens/output_tokens or prompt_tokens/completion_tokens (also under `usage`), and
     optionally a timestamp (epoch seconds or RFC 3339). The distribution counts the requests per
     bucket [low, high); requests outside the edges are reported and left out, as are unreadable
     lines (listed with their line numbers on stderr). The total rate is the rate of the counted
-    requests over the span of the timestamps, unless --rate is given. Exits 0 on success, 2 when
-    the log gives no workload.
+    requests over the span of the timestamps, unless --rate is given.
+
+    With --from-prometheus, the two token histograms give the matrix's row and column sums over
+    the window; the matrix is the one with those sums closest to the prior (iterative
+    proportional fitting), as the operator's workload.fromPrometheus does. Exits 0 on success,
+    2 when the input gives no workload.
     """
     if rate is not None and not math.isfinite(rate):
         _fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
+    if prometheus_url is not None:
+        if log is not None:
+            _fail(["give a LOG or --from-prometheus, not both"], EXIT_INVALID)
+        _workload_from_prometheus(
+            prometheus_url,
+            model,
+            window,
+            _live_prior(allocation, _edges(input_edges), _edges(output_edges)),
+            rate,
+            (bearer_token_file, ca_file),
+            output,
+        )
+        return
+    if log is None:
+        _fail(["give a request LOG ('-' for stdin), or --from-prometheus URL"], EXIT_INVALID)
     try:
         result = workload.build_workload(
             None if log == "-" else Path(log),
@@ -433,6 +490,95 @@ def workload_command(
     else:
         comment = "".join(f"# {line}\n" for line in workload.summary_lines(result, source))
         click.echo(comment + _dump(fragment, output), nl=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prior:
+    input_edges: list[int]
+    output_edges: list[int]
+    matrix: list[list[float]]
+    source: str
+
+
+def _live_prior(
+    allocation: str | None, input_edges: list[int] | None, output_edges: list[int] | None
+) -> _Prior:
+    """The edges and the matrix to fit from: an allocation's, or the given edges and uniform."""
+    if allocation is not None:
+        if input_edges is not None or output_edges is not None:
+            _fail(["give --allocation or --input-edges/--output-edges, not both"], EXIT_INVALID)
+        spec = _read_input(allocation).spec
+        return _Prior(
+            list(spec.buckets.input_tokens),
+            list(spec.buckets.output_tokens),
+            [list(row) for row in spec.workload.distribution],
+            f"the distribution in {allocation}",
+        )
+    if input_edges is None or output_edges is None:
+        _fail(
+            [
+                "--from-prometheus needs the bucket edges: --allocation FILE, or both "
+                "--input-edges and --output-edges"
+            ],
+            EXIT_INVALID,
+        )
+    uniform = [[1.0] * (len(output_edges) - 1) for _ in range(len(input_edges) - 1)]
+    return _Prior(input_edges, output_edges, uniform, "a uniform prior")
+
+
+def _workload_from_prometheus(
+    url: str,
+    model: str | None,
+    window: int,
+    prior: _Prior,
+    rate: float | None,
+    credentials: tuple[Path | None, Path | None],
+    output: str,
+) -> None:
+    import asyncio
+
+    from melange import distribution
+    from melange.promclient import PrometheusClient
+    from melange.rates import RateError
+
+    if model is None:
+        _fail(["--from-prometheus needs --model (vLLM's model_name label)"], EXIT_INVALID)
+    if not url.startswith(("http://", "https://")):
+        _fail([f"--from-prometheus: must be an http(s) URL, got {url!r}"], EXIT_INVALID)
+    token_file, ca_file = credentials
+    token = token_file.read_text().strip() if token_file is not None else None
+    ca = ca_file.read_text() if ca_file is not None else None
+
+    async def fetch() -> tuple[distribution.Histogram, distribution.Histogram]:
+        client = PrometheusClient()
+        try:
+            return await client.token_histograms(
+                url, model, window, bearer_token=token, ca_pem=ca, timeout=30.0
+            )
+        finally:
+            await client.close()
+
+    try:
+        prompt, generation = asyncio.run(fetch())
+        observed = distribution.observe(
+            prior.matrix, prior.input_edges, prior.output_edges, prompt, generation
+        )
+    except RateError as exc:
+        _fail([f"{url}: {exc.message}"], EXIT_INVALID)
+    total_rate = rate if rate is not None else float(f"{prompt.total / window:.6g}")
+    fragment = {
+        "buckets": {"inputTokens": prior.input_edges, "outputTokens": prior.output_edges},
+        "workload": {"distribution": observed.matrix, "totalRate": total_rate},
+    }
+    if output == "json":
+        click.echo(_dump(fragment, output), nl=False)
+        return
+    summary = (
+        f"{url}, model {model}: {observed.summary(window)}; distribution fitted to the token "
+        f"histograms from {prior.source}; totalRate {total_rate:g} req/s "
+        f"({'--rate' if rate is not None else 'finished requests over the window'})"
+    )
+    click.echo(f"# {summary}\n" + _dump(fragment, output), nl=False)
 
 
 @main.command()

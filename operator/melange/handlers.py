@@ -92,6 +92,8 @@ async def reconcile_allocation(
             now=datetime.now(UTC),
             rate=state.plan_rate() if state is not None else None,
             rate_condition=state.condition if state is not None else None,
+            distribution=state.plan_distribution() if state is not None else None,
+            distribution_condition=state.distribution_condition if state is not None else None,
         )
         if state is not None:
             state.record(result)

@@ -7,6 +7,7 @@ Every failure comes back as a `melange.rates.RateError` whose message names what
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import ssl
@@ -14,6 +15,8 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from melange.distribution import Histogram, parse_histogram_response
+from melange.distribution import queries as distribution_queries
 from melange.rates import InvalidResponse, PrometheusUnavailable, parse_query_response
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
@@ -72,6 +75,69 @@ class PrometheusClient:
         timeout: float = 10.0,
     ) -> float:
         """The query's single value, as a rate (finite, >= 0); else a `RateError`."""
+        status, body, url = await self.query(
+            base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
+        )
+        return parse_query_response(status, body, url)
+
+    async def query_histogram(
+        self,
+        base_url: str,
+        query: str,
+        what: str,
+        *,
+        bearer_token: str | None = None,
+        ca_pem: str | None = None,
+        timeout: float = 10.0,
+    ) -> Histogram:
+        """A `sum by (le)` histogram query's answer; else a `RateError`."""
+        status, body, url = await self.query(
+            base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
+        )
+        return parse_histogram_response(status, body, what, url)
+
+    async def token_histograms(
+        self,
+        base_url: str,
+        model_name: str,
+        window_seconds: int,
+        *,
+        bearer_token: str | None = None,
+        ca_pem: str | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[Histogram, Histogram]:
+        """vLLM's prompt- and generation-token histograms' increase over the window, together."""
+        prompt_query, generation_query = distribution_queries(model_name, window_seconds)
+        prompt, generation = await asyncio.gather(
+            self.query_histogram(
+                base_url,
+                prompt_query,
+                "prompt-tokens",
+                bearer_token=bearer_token,
+                ca_pem=ca_pem,
+                timeout=timeout,
+            ),
+            self.query_histogram(
+                base_url,
+                generation_query,
+                "generation-tokens",
+                bearer_token=bearer_token,
+                ca_pem=ca_pem,
+                timeout=timeout,
+            ),
+        )
+        return prompt, generation
+
+    async def query(
+        self,
+        base_url: str,
+        query: str,
+        *,
+        bearer_token: str | None = None,
+        ca_pem: str | None = None,
+        timeout: float = 10.0,
+    ) -> tuple[int, bytes, str]:
+        """An instant query's HTTP status, body and URL; transport failures as `RateError`s."""
         url = query_url(base_url)
         headers = {"Authorization": f"Bearer {bearer_token}"} if bearer_token else {}
         try:
@@ -116,4 +182,4 @@ class PrometheusClient:
             raise PrometheusUnavailable(
                 f"request to {url} failed: {type(exc).__name__}: {exc}"
             ) from None
-        return parse_query_response(status, bytes(body), url)
+        return status, bytes(body), url

@@ -131,10 +131,18 @@ def _labels(metric: Any) -> str:
     return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(metric.items())) + "}"
 
 
-def parse_query_response(http_status: int, body: bytes | str, url: str = "Prometheus") -> float:
-    """The rate in an `/api/v1/query` answer, or a `RateError` naming what was wrong with it.
+@dataclass(frozen=True)
+class Scalar:
+    """A scalar answer's raw value (as Prometheus sends it: a string such as "1.5")."""
 
-    Accepted: an instant vector with exactly one sample, or a scalar; the value finite and >= 0.
+    value: Any
+
+
+def parse_vector_response(
+    http_status: int, body: bytes | str, url: str = "Prometheus"
+) -> list[tuple[Mapping[str, Any], Any]] | Scalar:
+    """The samples of an `/api/v1/query` answer: `(labels, raw value)` per series of an instant
+    vector, or a `Scalar`; else a `RateError` naming what was wrong.
     """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
@@ -169,36 +177,47 @@ def parse_query_response(http_status: int, body: bytes | str, url: str = "Promet
     if result_type == "scalar":
         if not isinstance(result, list) or len(result) != 2:
             raise InvalidResponse(f"malformed scalar result: {_snippet(json.dumps(result))}")
-        return _as_rate(result[1], "the query's value")
+        return Scalar(result[1])
     if result_type != "vector":
         kind = {"matrix": "a range vector (matrix)", "string": "a string"}.get(
             str(result_type), repr(result_type)
         )
         raise QueryFailed(
-            f"the query returned {kind}; it must return one number (an instant vector of one "
-            "series, or a scalar)"
+            f"the query returned {kind}; it must return an instant vector (or a scalar)"
         )
     if not isinstance(result, list):
         raise InvalidResponse(f"malformed vector result: {_snippet(json.dumps(result))}")
-    if not result:
+    samples = []
+    for sample in result:
+        value = sample.get("value") if isinstance(sample, Mapping) else None
+        if not isinstance(value, list) or len(value) != 2:
+            raise InvalidResponse(f"malformed sample: {_snippet(json.dumps(sample))}")
+        metric = sample.get("metric")
+        samples.append((metric if isinstance(metric, Mapping) else {}, value[1]))
+    return samples
+
+
+def parse_query_response(http_status: int, body: bytes | str, url: str = "Prometheus") -> float:
+    """The rate in an `/api/v1/query` answer, or a `RateError` naming what was wrong with it.
+
+    Accepted: an instant vector with exactly one sample, or a scalar; the value finite and >= 0.
+    """
+    samples = parse_vector_response(http_status, body, url)
+    if isinstance(samples, Scalar):
+        return _as_rate(samples.value, "the query's value")
+    if not samples:
         raise NoData(
             "the query returned no series, so the rate is unknown (is the model serving, and is "
             "its metric scraped?)"
         )
-    if len(result) > 1:
-        shown = ", ".join(
-            _labels(s.get("metric") if isinstance(s, Mapping) else None) for s in result[:3]
-        )
-        more = f" and {len(result) - 3} more" if len(result) > 3 else ""
+    if len(samples) > 1:
+        shown = ", ".join(_labels(metric) for metric, _ in samples[:3])
+        more = f" and {len(samples) - 3} more" if len(samples) > 3 else ""
         raise QueryFailed(
-            f"the query returned {len(result)} series ({shown}{more}); it must return one: "
+            f"the query returned {len(samples)} series ({shown}{more}); it must return one: "
             "aggregate it, e.g. sum(...)"
         )
-    sample = result[0]
-    value = sample.get("value") if isinstance(sample, Mapping) else None
-    if not isinstance(value, list) or len(value) != 2:
-        raise InvalidResponse(f"malformed sample: {_snippet(json.dumps(sample))}")
-    return _as_rate(value[1], "the query's value")
+    return _as_rate(samples[0][1], "the query's value")
 
 
 # -- the decision -------------------------------------------------------------------------------

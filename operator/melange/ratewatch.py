@@ -22,8 +22,9 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from melange import api, conditions, metrics, rates, reconcile
+from melange import api, conditions, distribution, metrics, rates, reconcile
 from melange.conditions import Condition
+from melange.distribution import Observation
 from melange.promclient import PrometheusClient
 from melange.rates import CredentialsUnavailable, RateError
 from melange.reconciler import EventSpec, Reconciled, condition_event, reconcile_core
@@ -59,6 +60,9 @@ class RateState:
     solved_rate: float | None  # the rate the current plan was solved for
     observed_before: bool  # any observation yet (else the plan follows spec.workload.totalRate)
     condition: Condition | None  # the current RateObserved condition
+    # The distribution the plan was solved for (None: the spec's own), when the spec follows it.
+    solved_distribution: list[list[float]] | None = None
+    distribution_condition: Condition | None = None  # the current DistributionObserved
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     next_poll: float = 0.0  # event-loop time
     task: asyncio.Task[None] | None = None
@@ -72,26 +76,24 @@ class RateState:
     @classmethod
     def from_status(cls, uid: str | None, status: Mapping[str, Any]) -> RateState:
         solved = status.get("solvedRate")
-        found = conditions.find(status.get("conditions"), conditions.RATE_OBSERVED)
-        condition = None
-        if found is not None and found.get("status") in {"True", "False", "Unknown"}:
-            condition = Condition(
-                conditions.RATE_OBSERVED,
-                found["status"],
-                str(found.get("reason", "")),
-                str(found.get("message", "")),
-            )
+        matrix = status.get("solvedDistribution")
         return cls(
             uid=uid,
             history=rates.history_from_status(status.get("rateHistory")),
             solved_rate=float(solved) if isinstance(solved, int | float) else None,
             observed_before=status.get("lastObservationTime") is not None,
-            condition=condition,
+            condition=_stored_condition(status, conditions.RATE_OBSERVED),
+            solved_distribution=matrix if isinstance(matrix, list) else None,
+            distribution_condition=_stored_condition(status, conditions.DISTRIBUTION_OBSERVED),
         )
 
     def plan_rate(self) -> float | None:
         """The rate to solve for on a spec change: the decided one, once there was an observation."""
         return self.solved_rate if self.observed_before else None
+
+    def plan_distribution(self) -> list[list[float]] | None:
+        """The distribution to solve for on a spec change: the last one re-solved for, if any."""
+        return self.solved_distribution
 
     def view(self, stored: Mapping[str, Any]) -> dict[str, Any]:
         """The status to build on: what is stored, overlaid with what was written since."""
@@ -101,10 +103,21 @@ class RateState:
         self.written.update(result.status)
         if result.solved_rate is not None:
             self.solved_rate = result.solved_rate
+        if "solvedDistribution" in result.status:
+            self.solved_distribution = result.status["solvedDistribution"]
 
     def repairs(self, stored: Mapping[str, Any]) -> dict[str, Any]:
         """The fields whose stored value is not the one this operator last wrote."""
         return {k: v for k, v in self.written.items() if stored.get(k) != v}
+
+
+def _stored_condition(status: Mapping[str, Any], kind: str) -> Condition | None:
+    found = conditions.find(status.get("conditions"), kind)
+    if found is None or found.get("status") not in {"True", "False", "Unknown"}:
+        return None
+    return Condition(
+        kind, found["status"], str(found.get("reason", "")), str(found.get("message", ""))
+    )
 
 
 def _transitioned(before: Condition | None, after: Condition) -> bool:
@@ -301,16 +314,21 @@ class RateRuntime:
         source = parsed.rate_source
         if source is None or reconcile.operator_errors(parsed):
             return
+        observation: Observation | RateError | None = None
         try:
             token, ca = await asyncio.to_thread(
                 self._kube_io().credentials, namespace, source.prometheus
             )
-            observed: float | None = await self.client.query_rate(
-                source.prometheus.url,
-                reconcile.rate_query(source),
-                bearer_token=token,
-                ca_pem=ca,
-                timeout=reconcile.query_timeout(source),
+            observed: float | None
+            observed, observation = await asyncio.gather(
+                self.client.query_rate(
+                    source.prometheus.url,
+                    reconcile.rate_query(source),
+                    bearer_token=token,
+                    ca_pem=ca,
+                    timeout=reconcile.query_timeout(source),
+                ),
+                self._observe_distribution(parsed, token, ca),
             )
             error: RateError | None = None
         except RateError as exc:
@@ -327,7 +345,38 @@ class RateRuntime:
                 await self._failed(key, body, state, error, now)
             else:
                 assert observed is not None
-                await self._observed(key, body, state, source, observed, now)
+                await self._observed(key, body, state, parsed, observed, observation, now)
+
+    async def _observe_distribution(
+        self, spec: api.AllocationSpec, token: str | None, ca: str | None
+    ) -> Observation | RateError | None:
+        """The fitted distribution, the reason there is none, or None when it is not followed."""
+        model, source, follow = (
+            reconcile.distribution_model(spec),
+            spec.rate_source,
+            spec.workload.from_prometheus,
+        )
+        if model is None or source is None or follow is None:
+            return None
+        try:
+            prompt, generation = await self.client.token_histograms(
+                source.prometheus.url,
+                model,
+                follow.window_seconds,
+                bearer_token=token,
+                ca_pem=ca,
+                timeout=reconcile.query_timeout(source),
+            )
+            return distribution.observe(
+                spec.workload.distribution,
+                spec.buckets.input_tokens,
+                spec.buckets.output_tokens,
+                prompt,
+                generation,
+                min_requests=follow.min_requests,
+            )
+        except RateError as exc:
+            return exc
 
     async def _failed(
         self, key: Key, body: Mapping[str, Any], state: RateState, error: RateError, now: datetime
@@ -355,11 +404,14 @@ class RateRuntime:
         key: Key,
         body: Mapping[str, Any],
         state: RateState,
-        source: api.RateSource,
+        spec: api.AllocationSpec,
         observed: float,
+        observation: Observation | RateError | None,
         now: datetime,
     ) -> None:
         namespace, name = key
+        source = spec.rate_source
+        assert source is not None
         decision = rates.decide(
             state.history,
             observed,
@@ -378,8 +430,10 @@ class RateRuntime:
         state.history = list(decision.history)
         state.observed_before = True
         state.condition = condition
+        moved = self._distribution(key, state, spec, observation, status, events)
         rate = decision.rate if decision.resolve else state.solved_rate
-        if decision.resolve or (state.retry and rate is not None):
+        shape = moved is not None and moved.resolve
+        if decision.resolve or shape or (state.retry and rate is not None):
             if decision.resolve:
                 log.info("[%s/%s] Rate drift: %s", *key, decision.message)
                 events.append(EventSpec("Normal", "RateDrift", decision.message))
@@ -395,20 +449,72 @@ class RateRuntime:
                 now=now,
                 rate=rate,
                 rate_condition=condition,
+                distribution=(
+                    observation.matrix
+                    if shape and isinstance(observation, Observation)
+                    else state.plan_distribution()
+                ),
+                distribution_condition=state.distribution_condition,
             )
             state.record(result)
             events += result.events
             state.retry = bool(result.failed)
         else:
             log.debug("[%s/%s] %s", *key, decision.message)
+            current = [condition]
+            if state.distribution_condition is not None and observation is not None:
+                current.append(state.distribution_condition)
             state.written["conditions"] = conditions.set_conditions(
                 state.view(body["status"]).get("conditions"),
-                [condition],
+                current,
                 body["generation"],
                 now,
             )
         state.written.update(status)
         await self._write(key, body, {**state.repairs(body["status"]), **status}, events)
+
+    def _distribution(
+        self,
+        key: Key,
+        state: RateState,
+        spec: api.AllocationSpec,
+        observation: Observation | RateError | None,
+        status: dict[str, Any],
+        events: list[EventSpec],
+    ) -> distribution.Drift | None:
+        """Update the DistributionObserved condition and status; the drift, when there is one."""
+        follow = spec.workload.from_prometheus
+        if observation is None or follow is None:
+            return None
+        moved = None
+        if isinstance(observation, RateError):
+            condition = reconcile.distribution_failed(observation)
+        else:
+            rows, cols = len(spec.buckets.input_tokens) - 1, len(spec.buckets.output_tokens) - 1
+            solved = state.solved_distribution
+            if not distribution.matches_shape(solved, rows, cols):
+                solved = spec.workload.distribution
+            assert solved is not None
+            moved = distribution.drift(solved, observation.matrix, follow.drift_tolerance)
+            condition = reconcile.distribution_observed(
+                observation.summary(follow.window_seconds), moved.distance
+            )
+            status["observedDistribution"] = observation.matrix
+            status["distributionDistance"] = round(moved.distance, distribution.DIGITS)
+            if moved.resolve:
+                changes = distribution.describe_largest_moves(
+                    solved,
+                    observation.matrix,
+                    (spec.buckets.input_tokens, spec.buckets.output_tokens),
+                )
+                message = moved.message + (f" (largest: {changes})" if changes else "")
+                log.info("[%s/%s] Distribution drift: %s", *key, message)
+                events.append(EventSpec("Normal", "DistributionDrift", message))
+        if _transitioned(state.distribution_condition, condition):
+            log.info("[%s/%s] Distribution: %s", *key, condition.message)
+            events.append(condition_event(condition))
+        state.distribution_condition = condition
+        return moved
 
     async def _write(
         self,

@@ -13,7 +13,15 @@ from typing import Any
 
 from melange import rates, report
 from melange.api import AllocationSpec, FieldError, GpuType, RateSource
-from melange.conditions import RATE_OBSERVED, READY, SCALED, SOLVED, Condition, timestamp
+from melange.conditions import (
+    DISTRIBUTION_OBSERVED,
+    RATE_OBSERVED,
+    READY,
+    SCALED,
+    SOLVED,
+    Condition,
+    timestamp,
+)
 from melange.rates import RateError
 from melange.solver import Plan
 
@@ -51,10 +59,26 @@ def operator_errors(spec: AllocationSpec) -> list[FieldError]:
 
 def rate_source_errors(spec: AllocationSpec) -> list[FieldError]:
     source = spec.rate_source
+    follow = spec.workload.from_prometheus
     if source is None:
-        return []
+        if follow is None:
+            return []
+        return [
+            FieldError(
+                "spec.workload.fromPrometheus",
+                "needs spec.rateSource (its Prometheus, credentials and interval are used)",
+            )
+        ]
     prometheus, path = source.prometheus, "spec.rateSource.prometheus"
     errors = []
+    if follow is not None and follow.model_name is None and prometheus.model_name is None:
+        errors.append(
+            FieldError(
+                "spec.workload.fromPrometheus.modelName",
+                "is required when spec.rateSource.prometheus has no modelName (the token "
+                "histograms are selected by vLLM's model_name label)",
+            )
+        )
     if (prometheus.query is None) == (prometheus.model_name is None):
         errors.append(FieldError(path, "set exactly one of query and modelName"))
     if prometheus.range_seconds is not None and prometheus.model_name is None:
@@ -77,6 +101,14 @@ def rate_query(source: RateSource) -> str:
     )
 
 
+def distribution_model(spec: AllocationSpec) -> str | None:
+    """The model whose token histograms to follow, or None when the spec does not follow them."""
+    follow, source = spec.workload.from_prometheus, spec.rate_source
+    if follow is None or source is None:
+        return None
+    return follow.model_name or source.prometheus.model_name
+
+
 def query_timeout(source: RateSource) -> float:
     """A query may take at most one interval, and never more than 10 s."""
     return float(min(source.interval_seconds, MAX_QUERY_SECONDS))
@@ -92,6 +124,24 @@ def rate_failed(error: RateError) -> Condition:
         "False",
         error.reason,
         f"{error.message}; the current plan and node pools are kept",
+    )
+
+
+def distribution_observed(summary: str, moved: float) -> Condition:
+    return Condition(
+        DISTRIBUTION_OBSERVED,
+        "True",
+        "Observed",
+        f"{summary}; {moved:.1%} from the distribution the plan was solved for",
+    )
+
+
+def distribution_failed(error: RateError) -> Condition:
+    return Condition(
+        DISTRIBUTION_OBSERVED,
+        "False",
+        error.reason,
+        f"{error.message}; the plan keeps the distribution it was solved for",
     )
 
 

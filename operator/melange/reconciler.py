@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from melange import api, conditions, metrics, reconcile, solver
+from melange import distribution as distribution_module
 from melange.conditions import Condition
 from melange.scaling import ScaleError, Scaler
 
@@ -49,15 +50,17 @@ def _set_conditions(
     updates: Sequence[Condition],
     generation: int,
     now: datetime,
-    keep_rate_observed: bool,
+    dropped: Sequence[str] = (),
 ) -> None:
-    """Set the whole conditions list; an Event when Ready changed status or reason."""
+    """Set the whole conditions list; an Event when Ready changed status or reason.
+
+    `dropped`: condition types about inputs the spec no longer has (a rate source, a followed
+    distribution), removed.
+    """
     before = status.get("conditions")
-    if not keep_rate_observed:  # no rate source (any more): no RateObserved condition
+    if dropped:
         before = [
-            c
-            for c in before or ()
-            if not (isinstance(c, Mapping) and c.get("type") == conditions.RATE_OBSERVED)
+            c for c in before or () if not (isinstance(c, Mapping) and c.get("type") in dropped)
         ]
     result.status["conditions"] = conditions.set_conditions(before, updates, generation, now)
     result.status["observedGeneration"] = generation
@@ -105,10 +108,14 @@ async def reconcile_core(
     now: datetime,
     rate: float | None = None,
     rate_condition: Condition | None = None,
+    distribution: Sequence[Sequence[float]] | None = None,
+    distribution_condition: Condition | None = None,
 ) -> Reconciled:
-    """Validate, solve for `rate` (None: spec.workload.totalRate), scale, and say what to write.
+    """Validate, solve for `rate` (None: spec.workload.totalRate) and `distribution` (None:
+    spec.workload.distribution), scale, and say what to write.
 
-    `rate_condition` is the current RateObserved condition, written along with the others.
+    `rate_condition` and `distribution_condition` are the current RateObserved and
+    DistributionObserved conditions, written along with the others.
     """
     result = Reconciled()
     try:
@@ -120,22 +127,48 @@ async def reconcile_core(
         logger.warning("Invalid spec, node pools left as they are: %s", exc)
         metrics.record_error(namespace, name, "InvalidSpec")
         updates = reconcile.invalid_conditions(exc.errors)
-        _set_conditions(result, status, updates, generation, now, "rateSource" in raw_spec)
+        workload = raw_spec.get("workload")
+        dropped = [] if "rateSource" in raw_spec else [conditions.RATE_OBSERVED]
+        if not (isinstance(workload, Mapping) and "fromPrometheus" in workload):
+            dropped.append(conditions.DISTRIBUTION_OBSERVED)
+        _set_conditions(result, status, updates, generation, now, dropped)
         return result
 
     with_rate = parsed.rate_source is not None
+    follows = reconcile.distribution_model(parsed) is not None
     extra = [rate_condition] if with_rate and rate_condition is not None else []
+    dropped = [] if with_rate else [conditions.RATE_OBSERVED]
     if not with_rate:
         result.status.update(reconcile.cleared_rate_status(status))
+    if follows and distribution_condition is not None:
+        extra.append(distribution_condition)
+    if not follows:
+        dropped.append(conditions.DISTRIBUTION_OBSERVED)
+        result.status.update(distribution_module.cleared_status(status))
+    rows, cols = len(parsed.buckets.input_tokens) - 1, len(parsed.buckets.output_tokens) - 1
+    if not follows or not distribution_module.matches_shape(distribution, rows, cols):
+        distribution = None  # fitted for other buckets: the next observation fits it again
+    if distribution is not None:
+        parsed = parsed.model_copy(
+            update={
+                "workload": parsed.workload.model_copy(
+                    update={"distribution": [list(row) for row in distribution]}
+                )
+            }
+        )
     plan = await asyncio.to_thread(solver.solve_spec, parsed, rate)
     result.solved_rate = plan.total_rate
+    if follows:  # feasible or not, what was solved for; None deletes: the spec's own matrix
+        result.status["solvedDistribution"] = (
+            [list(row) for row in distribution] if distribution is not None else None
+        )
     metrics.record_plan(namespace, name, plan, trigger)
     if not plan.solved:
         logger.warning("No feasible plan, node pools left as they are: %s", plan.reason)
         metrics.record_error(namespace, name, "Infeasible")
         result.status["planStatus"] = plan.status
         updates = reconcile.infeasible_conditions(plan)
-        _set_conditions(result, status, [*updates, *extra], generation, now, with_rate)
+        _set_conditions(result, status, [*updates, *extra], generation, now, dropped)
         return result
 
     desired = reconcile.desired_replicas(parsed, plan)
@@ -149,7 +182,7 @@ async def reconcile_core(
             result.events.append(EventSpec("Normal", "Scaled", message))
     result.status.update(reconcile.plan_status(plan, now))
     updates = reconcile.plan_conditions(plan, outcomes, parsed.dry_run)
-    _set_conditions(result, status, [*updates, *extra], generation, now, with_rate)
+    _set_conditions(result, status, [*updates, *extra], generation, now, dropped)
     result.failed = [o for o in outcomes if o.error]
     if result.failed:
         metrics.record_error(namespace, name, "ScaleFailed")

@@ -242,4 +242,5 @@ def refusals(log: str, namespace: str) -> list[str]:
         and "{'apiVersion': 'melange.dev/v1alpha1'" not in line
         and "nodepools" not in line
         and not re.search(rf'namespace \\?"(?!{namespace}\b)', line)
+        and not re.search(rf"\[(?!{namespace}/)[a-z0-9-]+/[^\]]+\]", line)  # [ns/name] prefix
     ]

@@ -41,7 +41,19 @@ SCRAPE_INTERVAL_SECONDS = 1
 MODEL = "llama-3.1-8b"
 # Finished requests split by reason, and token-count buckets (vLLM's 1-2-5 series): fractions.
 FINISHED = (("stop", 0.9), ("length", 0.1))
-PROMPT_BUCKETS = ((10, 0.05), (20, 0.1), (50, 0.3), (100, 0.5), (200, 0.7), (500, 0.9), (1000, 1.0))
+# vLLM's bounds for these histograms are 1-2-5 steps up to the model's context length.
+PROMPT_BUCKETS = (
+    (10, 0.05),
+    (20, 0.1),
+    (50, 0.3),
+    (100, 0.5),
+    (200, 0.7),
+    (500, 0.9),
+    (1000, 1.0),
+    (2000, 1.0),
+    (5000, 1.0),
+    (10000, 1.0),
+)
 GENERATION_BUCKETS = (
     (10, 0.1),
     (20, 0.2),
@@ -50,6 +62,7 @@ GENERATION_BUCKETS = (
     (200, 0.8),
     (500, 0.95),
     (1000, 1.0),
+    (2000, 1.0),
 )
 
 
@@ -233,6 +246,13 @@ class LoadEmitter:
         with urllib.request.urlopen(request, timeout=5) as response:
             assert response.status == 204
 
+    def set_shapes(self, **shapes: Sequence[tuple[float, float]]) -> None:
+        """New cumulative fractions for `prompt` and/or `generation` (same le bounds as before)."""
+        body = json.dumps({k: [list(b) for b in v] for k, v in shapes.items()}).encode()
+        request = urllib.request.Request(f"{self.url}/shape", data=body, method="PUT")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert response.status == 204
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -288,24 +308,53 @@ def self_signed_certificate(directory: Path) -> tuple[Path, Path, str]:
 # -- the emitter process ----------------------------------------------------------------------
 
 
+Shape = tuple[tuple[float, float], ...]  # (le, cumulative fraction) per finite bucket
+
+
 class _Load:
-    """A counter that grows at `rate` per second, exactly, whenever it is read."""
+    """Counters that grow at `rate` per second (the token-histogram buckets at their share of it),
+    exactly, whenever they are read; a new rate or shape applies from then on."""
 
     def __init__(self, rate: float) -> None:
         self._lock = threading.Lock()
-        self._base = 0.0
+        self._bases: dict[str, float] = {}
         self._since = time.monotonic()
         self.rate = rate
+        self.shapes: dict[str, Shape] = {"prompt": PROMPT_BUCKETS, "generation": GENERATION_BUCKETS}
+
+    def _slopes(self) -> dict[str, float]:
+        slopes = {"requests": self.rate}
+        for name, shape in self.shapes.items():
+            slopes.update({f"{name}:{le:g}": self.rate * share for le, share in shape})
+        return slopes
+
+    def _advance(self) -> None:
+        now = time.monotonic()
+        for key, slope in self._slopes().items():
+            self._bases[key] = self._bases.get(key, 0.0) + slope * (now - self._since)
+        self._since = now
 
     def set(self, rate: float) -> None:
         with self._lock:
-            now = time.monotonic()
-            self._base += self.rate * (now - self._since)
-            self._since, self.rate = now, rate
+            self._advance()
+            self.rate = rate
+
+    def set_shapes(self, shapes: dict[str, Shape]) -> None:
+        """New cumulative fractions per histogram; the bounds must stay the same."""
+        with self._lock:
+            for name, shape in shapes.items():
+                if [le for le, _ in shape] != [le for le, _ in self.shapes[name]]:
+                    raise ValueError(f"{name}: the le bounds must stay the same")
+            self._advance()
+            self.shapes = {**self.shapes, **shapes}
+
+    def totals(self) -> dict[str, float]:
+        with self._lock:
+            elapsed = time.monotonic() - self._since
+            return {k: self._bases.get(k, 0.0) + s * elapsed for k, s in self._slopes().items()}
 
     def total(self) -> float:
-        with self._lock:
-            return self._base + self.rate * (time.monotonic() - self._since)
+        return self.totals()["requests"]
 
 
 def _collector(load: _Load, model: str) -> Any:
@@ -313,7 +362,8 @@ def _collector(load: _Load, model: str) -> Any:
 
     class VllmCollector:
         def collect(self) -> Iterator[Any]:
-            total = load.total()
+            totals = load.totals()
+            total = totals["requests"]
             finished = CounterMetricFamily(
                 "vllm:request_success",
                 "Count of successfully processed requests.",
@@ -322,16 +372,19 @@ def _collector(load: _Load, model: str) -> Any:
             for reason, share in FINISHED:
                 finished.add_metric([model, "0", reason], total * share)
             yield finished
-            for name, buckets, mean in (
-                ("vllm:request_prompt_tokens", PROMPT_BUCKETS, 150.0),
-                ("vllm:request_generation_tokens", GENERATION_BUCKETS, 120.0),
+            for name, shape, mean in (
+                ("prompt", load.shapes["prompt"], 150.0),
+                ("generation", load.shapes["generation"], 120.0),
             ):
                 histogram = HistogramMetricFamily(
-                    name, "Number of tokens per request.", labels=["model_name", "engine"]
+                    f"vllm:request_{name}_tokens",
+                    "Number of tokens per request.",
+                    labels=["model_name", "engine"],
                 )
                 histogram.add_metric(
                     [model, "0"],
-                    buckets=[(str(float(le)), total * f) for le, f in buckets] + [("+Inf", total)],
+                    buckets=[(str(float(le)), totals[f"{name}:{le:g}"]) for le, _ in shape]
+                    + [("+Inf", total)],
                     sum_value=total * mean,
                 )
                 yield histogram
@@ -360,6 +413,17 @@ def _serve(port: int, model: str, rate: float, fmt: str) -> None:
 
         def do_PUT(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
+            if self.path == "/shape":
+                try:
+                    raw = json.loads(self.rfile.read(length))
+                    load.set_shapes(
+                        {k: tuple((float(le), float(f)) for le, f in v) for k, v in raw.items()}
+                    )
+                except (ValueError, KeyError, TypeError) as exc:
+                    self._reply(400, "text/plain", f"{exc}\n".encode())
+                    return
+                self._reply(204, "text/plain", b"")
+                return
             try:
                 value = float(self.rfile.read(length))
             except ValueError:
