@@ -1,35 +1,27 @@
-"""The `melange` command: solve allocations offline, manage GPU profiles, run the operator.
+"""The `melange` command: solve allocations offline, build their inputs, run the operator.
 
 Exit codes are part of the interface: 0 solved, 1 infeasible (the reason on stderr), 2 invalid input
-(every error on stderr, one per line; click's own usage errors use 2 as well).
+(every error on stderr, one per line; click's own usage errors use 2 as well); `profile` adds 3 for
+a measurement stopped with buckets left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
-import json
 import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import yaml
 
 from melange import __version__, api, perfmodel, profiles, report, solver, workload
+from melange.cli_profile import profile_command
+from melange.cliutil import EXIT_INFEASIBLE, EXIT_INVALID, dump, fail, parse_edges
 from melange.profiles import build as profile_build
-
-EXIT_INFEASIBLE = 1
-EXIT_INVALID = 2
-
-
-def _fail(lines: list[str], code: int) -> NoReturn:
-    for line in lines:
-        click.echo(f"error: {line}", err=True)
-    sys.exit(code)
 
 
 def _read_input(path: str) -> api.Allocation:
@@ -37,17 +29,11 @@ def _read_input(path: str) -> api.Allocation:
     try:
         text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
     except OSError as exc:
-        _fail([f"{path}: cannot read: {exc.strerror or exc}"], EXIT_INVALID)
+        fail([f"{path}: cannot read: {exc.strerror or exc}"], EXIT_INVALID)
     try:
         return api.load_text(text, source=path)
     except api.SpecError as exc:
-        _fail([str(e) for e in exc.errors], EXIT_INVALID)
-
-
-def _dump(data: Any, output: str) -> str:
-    if output == "json":
-        return json.dumps(data, indent=2) + "\n"
-    return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+        fail([str(e) for e in exc.errors], EXIT_INVALID)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,9 +41,10 @@ def _dump(data: Any, output: str) -> str:
 def main() -> None:
     """Keep LLM serving on the cheapest mix of GPU types that meets the latency SLO.
 
-    `solve` plans offline from a MelangeAllocation file; `workload` turns a request log into the
-    spec's workload; `profiles` lists, estimates, imports and compares GPU throughput profiles;
-    `run` starts the Kubernetes operator.
+    `solve` plans offline from a MelangeAllocation file; `workload` turns a request log (or vLLM's
+    histograms in Prometheus) into the spec's workload; `profile` measures a GPU's throughput per
+    bucket on a running server; `profiles` lists, estimates, imports and compares GPU throughput
+    profiles; `run` starts the Kubernetes operator.
     """
 
 
@@ -114,15 +101,15 @@ def solve(
     """
     allocation = _read_input(file)
     if rate is not None and math.isnan(rate):  # NaN passes FloatRange
-        _fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
+        fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
     problem = solver.Problem.from_spec(allocation.spec, rate=rate, slice_factor=slice_factor)
     plan = solver.solve(problem, backend=backend, time_limit=time_limit)
     if output == "table":
         click.echo(report.render_table(plan), nl=False)
     else:
-        click.echo(_dump(report.plan_to_dict(plan), output), nl=False)
+        click.echo(dump(report.plan_to_dict(plan), output), nl=False)
     if not plan.solved:
-        _fail([f"infeasible: {plan.reason}"], EXIT_INFEASIBLE)
+        fail([f"infeasible: {plan.reason}"], EXIT_INFEASIBLE)
 
 
 @main.group("profiles")
@@ -192,22 +179,12 @@ def profiles_show(name: str, output: str, entry_only: bool, user_dir: Path | Non
     try:
         profile = profiles.load_profile(name, _user_dir(user_dir))
     except profiles.UnknownProfileError as exc:
-        _fail([str(exc)], EXIT_INVALID)
-    click.echo(_dump(profiles.gpu_entry(profile) if entry_only else profile, output), nl=False)
+        fail([str(exc)], EXIT_INVALID)
+    click.echo(dump(profiles.gpu_entry(profile) if entry_only else profile, output), nl=False)
 
 
 def _edges(value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        edges = [int(v) for v in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"must be comma-separated integers, got {value!r}") from None
-    if len(edges) < 2 or edges[0] < 1 or any(b <= a for a, b in itertools.pairwise(edges)):
-        raise click.BadParameter(
-            f"must be at least 2 strictly increasing integers >= 1, got {value!r}"
-        )
-    return edges
+    return None if value is None else parse_edges(value)
 
 
 @profiles_group.command("estimate")
@@ -265,7 +242,7 @@ def profiles_estimate(
         _edges(output_edges),
     )
     click.echo(
-        profile_build.render_profile(profile) if output == "yaml" else _dump(profile, output),
+        profile_build.render_profile(profile) if output == "yaml" else dump(profile, output),
         nl=False,
     )
 
@@ -285,14 +262,14 @@ def profiles_import(file: str, user_dir: Path | None, force: bool) -> None:
     try:
         text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        _fail([f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"], EXIT_INVALID)
+        fail([f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"], EXIT_INVALID)
     directory = user_dir if user_dir is not None else profiles.user_profile_dir()
     try:
         path = profiles.import_profile(file, text, directory, force=force)
     except profiles.ProfileError as exc:
-        _fail(exc.errors, EXIT_INVALID)
+        fail(exc.errors, EXIT_INVALID)
     except OSError as exc:
-        _fail([f"{directory}: cannot write: {exc.strerror or exc}"], EXIT_INVALID)
+        fail([f"{directory}: cannot write: {exc.strerror or exc}"], EXIT_INVALID)
     name = yaml.safe_load(path.read_text(encoding="utf-8"))["profile"]
     note = " (it replaces the shipped estimate of that name)" if profiles.is_shipped(name) else ""
     click.echo(f"imported {name} -> {path}{note}")
@@ -321,13 +298,13 @@ def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None)
         for name in names:
             documents[name] = profiles.load_profile(name, directory)
     except profiles.UnknownProfileError as exc:
-        _fail([str(exc)], EXIT_INVALID)
+        fail([str(exc)], EXIT_INVALID)
     try:
         table = profiles.compare_profiles(documents)
     except profiles.ProfileError as exc:
-        _fail(exc.errors, EXIT_INVALID)
+        fail(exc.errors, EXIT_INVALID)
     if output != "table":
-        click.echo(_dump(table, output), nl=False)
+        click.echo(dump(table, output), nl=False)
         return
     gpus = [p["gpu"] for p in table["profiles"]]
     labels = gpus if len(set(gpus)) == len(gpus) else list(documents)
@@ -454,10 +431,10 @@ def workload_command(
     2 when the input gives no workload.
     """
     if rate is not None and not math.isfinite(rate):
-        _fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
+        fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
     if prometheus_url is not None:
         if log is not None:
-            _fail(["give a LOG or --from-prometheus, not both"], EXIT_INVALID)
+            fail(["give a LOG or --from-prometheus, not both"], EXIT_INVALID)
         _workload_from_prometheus(
             prometheus_url,
             model,
@@ -469,7 +446,7 @@ def workload_command(
         )
         return
     if log is None:
-        _fail(["give a request LOG ('-' for stdin), or --from-prometheus URL"], EXIT_INVALID)
+        fail(["give a request LOG ('-' for stdin), or --from-prometheus URL"], EXIT_INVALID)
     try:
         result = workload.build_workload(
             None if log == "-" else Path(log),
@@ -480,16 +457,16 @@ def workload_command(
             progress=_progress_bar,
         )
     except workload.WorkloadError as exc:
-        _fail([str(exc)], EXIT_INVALID)
+        fail([str(exc)], EXIT_INVALID)
     source = "<stdin>" if log == "-" else log
     for line in workload.warning_lines(result, source):
         click.echo(f"warning: {line}", err=True)
     fragment = result.spec_fragment()
     if output == "json":
-        click.echo(_dump(fragment, output), nl=False)
+        click.echo(dump(fragment, output), nl=False)
     else:
         comment = "".join(f"# {line}\n" for line in workload.summary_lines(result, source))
-        click.echo(comment + _dump(fragment, output), nl=False)
+        click.echo(comment + dump(fragment, output), nl=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -506,7 +483,7 @@ def _live_prior(
     """The edges and the matrix to fit from: an allocation's, or the given edges and uniform."""
     if allocation is not None:
         if input_edges is not None or output_edges is not None:
-            _fail(["give --allocation or --input-edges/--output-edges, not both"], EXIT_INVALID)
+            fail(["give --allocation or --input-edges/--output-edges, not both"], EXIT_INVALID)
         spec = _read_input(allocation).spec
         return _Prior(
             list(spec.buckets.input_tokens),
@@ -515,7 +492,7 @@ def _live_prior(
             f"the distribution in {allocation}",
         )
     if input_edges is None or output_edges is None:
-        _fail(
+        fail(
             [
                 "--from-prometheus needs the bucket edges: --allocation FILE, or both "
                 "--input-edges and --output-edges"
@@ -542,9 +519,9 @@ def _workload_from_prometheus(
     from melange.rates import RateError
 
     if model is None:
-        _fail(["--from-prometheus needs --model (vLLM's model_name label)"], EXIT_INVALID)
+        fail(["--from-prometheus needs --model (vLLM's model_name label)"], EXIT_INVALID)
     if not url.startswith(("http://", "https://")):
-        _fail([f"--from-prometheus: must be an http(s) URL, got {url!r}"], EXIT_INVALID)
+        fail([f"--from-prometheus: must be an http(s) URL, got {url!r}"], EXIT_INVALID)
     token_file, ca_file = credentials
     token = token_file.read_text().strip() if token_file is not None else None
     ca = ca_file.read_text() if ca_file is not None else None
@@ -564,21 +541,21 @@ def _workload_from_prometheus(
             prior.matrix, prior.input_edges, prior.output_edges, prompt, generation
         )
     except RateError as exc:
-        _fail([f"{url}: {exc.message}"], EXIT_INVALID)
+        fail([f"{url}: {exc.message}"], EXIT_INVALID)
     total_rate = rate if rate is not None else float(f"{prompt.total / window:.6g}")
     fragment = {
         "buckets": {"inputTokens": prior.input_edges, "outputTokens": prior.output_edges},
         "workload": {"distribution": observed.matrix, "totalRate": total_rate},
     }
     if output == "json":
-        click.echo(_dump(fragment, output), nl=False)
+        click.echo(dump(fragment, output), nl=False)
         return
     summary = (
         f"{url}, model {model}: {observed.summary(window)}; distribution fitted to the token "
         f"histograms from {prior.source}; totalRate {total_rate:g} req/s "
         f"({'--rate' if rate is not None else 'finished requests over the window'})"
     )
-    click.echo(f"# {summary}\n" + _dump(fragment, output), nl=False)
+    click.echo(f"# {summary}\n" + dump(fragment, output), nl=False)
 
 
 @main.command()
@@ -641,7 +618,7 @@ def run(
         try:
             metrics.serve(metrics_port, metrics_address)
         except OSError as exc:
-            _fail([f"--metrics-port {metrics_port}: cannot listen: {exc.strerror or exc}"], 2)
+            fail([f"--metrics-port {metrics_port}: cannot listen: {exc.strerror or exc}"], 2)
 
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
     kopf.run(
@@ -652,6 +629,9 @@ def run(
         priority=priority,
         liveness_endpoint=liveness,
     )
+
+
+main.add_command(profile_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

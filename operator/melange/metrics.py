@@ -60,6 +60,13 @@ RATE_SOURCE_UP = Gauge(
     ALLOCATION,
     registry=REGISTRY,
 )
+DISTRIBUTION_DISTANCE = Gauge(
+    "melange_distribution_distance",
+    "Total variation distance between the request-size distribution last observed and the one "
+    "the current plan was solved for (0..1).",
+    ALLOCATION,
+    registry=REGISTRY,
+)
 SOLVE_DURATION = Histogram(
     "melange_solve_duration_seconds",
     "Time to solve an allocation's ILP, including the LP bound.",
@@ -69,7 +76,8 @@ SOLVE_DURATION = Histogram(
 )
 SOLVES = Counter(
     "melange_solves",
-    "Solves by why they ran (created, update, resume, rate_drift) and their result.",
+    "Solves by why they ran (create, update, resume, rate_drift, distribution_drift) and their "
+    "result.",
     [*ALLOCATION, "trigger", "result"],
     registry=REGISTRY,
 )
@@ -98,6 +106,7 @@ _PER_ALLOCATION: tuple[Gauge, ...] = (
     SOLVED_RATE,
     OBSERVED_RATE,
     RATE_SOURCE_UP,
+    DISTRIBUTION_DISTANCE,
 )
 
 
@@ -131,9 +140,13 @@ def record_rate_query(namespace: str, allocation: str, result: str, rate: float 
         OBSERVED_RATE.labels(namespace, allocation).set(rate)
 
 
+def record_distribution_distance(namespace: str, allocation: str, distance: float) -> None:
+    DISTRIBUTION_DISTANCE.labels(namespace, allocation).set(distance)
+
+
 def forget_rate_source(namespace: str, allocation: str) -> None:
     """The allocation no longer has a rate source: drop its observation gauges."""
-    for gauge in (OBSERVED_RATE, RATE_SOURCE_UP):
+    for gauge in (OBSERVED_RATE, RATE_SOURCE_UP, DISTRIBUTION_DISTANCE):
         with contextlib.suppress(KeyError):
             gauge.remove(namespace, allocation)
 

@@ -80,22 +80,6 @@ class PrometheusClient:
         )
         return parse_query_response(status, body, url)
 
-    async def query_histogram(
-        self,
-        base_url: str,
-        query: str,
-        what: str,
-        *,
-        bearer_token: str | None = None,
-        ca_pem: str | None = None,
-        timeout: float = 10.0,
-    ) -> Histogram:
-        """A `sum by (le)` histogram query's answer; else a `RateError`."""
-        status, body, url = await self.query(
-            base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
-        )
-        return parse_histogram_response(status, body, what, url)
-
     async def token_histograms(
         self,
         base_url: str,
@@ -107,24 +91,17 @@ class PrometheusClient:
         timeout: float = 10.0,
     ) -> tuple[Histogram, Histogram]:
         """vLLM's prompt- and generation-token histograms' increase over the window, together."""
+
+        async def histogram(query: str, what: str) -> Histogram:
+            status, body, url = await self.query(
+                base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
+            )
+            return parse_histogram_response(status, body, what, url)
+
         prompt_query, generation_query = distribution_queries(model_name, window_seconds)
         prompt, generation = await asyncio.gather(
-            self.query_histogram(
-                base_url,
-                prompt_query,
-                "prompt-tokens",
-                bearer_token=bearer_token,
-                ca_pem=ca_pem,
-                timeout=timeout,
-            ),
-            self.query_histogram(
-                base_url,
-                generation_query,
-                "generation-tokens",
-                bearer_token=bearer_token,
-                ca_pem=ca_pem,
-                timeout=timeout,
-            ),
+            histogram(prompt_query, "prompt-tokens"),
+            histogram(generation_query, "generation-tokens"),
         )
         return prompt, generation
 

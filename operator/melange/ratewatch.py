@@ -443,7 +443,7 @@ class RateRuntime:
                 raw_spec=body["spec"],
                 status=state.view(body["status"]),
                 generation=body["generation"],
-                trigger="rate_drift",
+                trigger="distribution_drift" if shape and not decision.resolve else "rate_drift",
                 scaler=self.memo["scaler"],
                 logger=_ObjectLogger(log, {"object": f"{namespace}/{name}"}),
                 now=now,
@@ -499,6 +499,7 @@ class RateRuntime:
             condition = reconcile.distribution_observed(
                 observation.summary(follow.window_seconds), moved.distance
             )
+            metrics.record_distribution_distance(*key, moved.distance)
             status["observedDistribution"] = observation.matrix
             status["distributionDistance"] = round(moved.distance, distribution.DIGITS)
             if moved.resolve:

@@ -18,7 +18,7 @@ from .kube import Kinds, Kube, eventually, reasons
 from .operator_process import OperatorProcess
 from .prometheus import MODEL, LoadEmitter, PrometheusServer
 from .test_operator import SPEC, make_pools, pool_replicas, pool_versions
-from .test_rates import at_plan_near, rate_manifest, status_of
+from .test_rates import at_plan_near, metric_values, rate_manifest, status_of
 
 pytestmark = pytest.mark.e2e
 
@@ -112,6 +112,9 @@ def test_refits_the_distribution_and_resolves_when_its_shape_moves(
     assert drift
     assert "moved between buckets" in drift[-1]["message"]
     assert "input 1000-16000" in " ".join(e["message"] for e in drift)
+    values = metric_values(operator, namespace)
+    assert values["melange_solves_total", "optimal,distribution_drift"] >= 1
+    assert 0 <= values["melange_distribution_distance", ""] <= 1
 
     # A restart resumes from status.solvedDistribution: no node pool changes.
     versions = pool_versions(kube, namespace)
