@@ -99,10 +99,17 @@ class PrometheusClient:
             return parse_histogram_response(status, body, what, url)
 
         prompt_query, generation_query = distribution_queries(model_name, window_seconds)
-        prompt, generation = await asyncio.gather(
+        answers = await asyncio.gather(
             histogram(prompt_query, "prompt-tokens"),
             histogram(generation_query, "generation-tokens"),
+            return_exceptions=True,
         )
+        for answer in answers:  # the prompt's failure first, whichever came back first
+            if isinstance(answer, BaseException):
+                raise answer
+        prompt, generation = answers
+        assert isinstance(prompt, Histogram)
+        assert isinstance(generation, Histogram)
         return prompt, generation
 
     async def query(
