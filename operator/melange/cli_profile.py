@@ -7,7 +7,6 @@ the output file (which is also the resume state), progress and exit codes.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import os
@@ -16,13 +15,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import yaml
 
-from melange import __version__, endpoint, profiles, profiling
+from melange import __version__, profiles, profiling
 from melange.cliutil import EXIT_INVALID, dump, fail, parse_edges
+
+if TYPE_CHECKING:
+    from melange import endpoint
 
 EXIT_PARTIAL = 3  # stopped with buckets left (--max-duration): run the same command to resume
 HEADER = (
@@ -141,6 +143,8 @@ async def _measure(
     percentile: float,
 ) -> str | None:
     """Measure the buckets in `todo`, saving after each; the error that stopped it, if any."""
+    from melange import endpoint
+
     async with client:
         try:
             await client.check()
@@ -287,6 +291,10 @@ def profile_command(
     stopped. Exits 0 when the profile is complete (import it with `melange profiles import`),
     2 on invalid options or a server that cannot be measured, 3 when buckets are left.
     """
+    import asyncio
+
+    from melange import endpoint  # aiohttp: imported by this command only, not by every `melange`
+
     inputs, outputs = (
         parse_edges(input_edges, "--input-edges"),
         parse_edges(output_edges, "--output-edges"),
