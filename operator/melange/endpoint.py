@@ -469,22 +469,30 @@ async def measure_bucket(
         )
     request_seconds = unloaded.ttft + bucket.output_tokens * run.criteria.tpot_slo
     rng = random.Random(run.seed)
-    while (rate := search.next_rate()) is not None:
-        plan = profiling.plan_step(rate, run.step_seconds, request_seconds)
-        if not run.budget.fits(run.clock(), plan.seconds):
-            raise OutOfTime()
+
+    def plan(rate: float) -> profiling.StepPlan:
+        return profiling.plan_step(rate, run.step_seconds, request_seconds)
+
+    def out_of_time(rate: float) -> bool:
+        return not run.budget.fits(run.clock(), plan(rate).seconds)
+
+    async def measure(rate: float) -> profiling.StepResult:
         if run.on_step is not None:
             run.on_step(bucket, rate)
+        step_plan = plan(rate)
         results = await endpoint.run_step(
-            plan, calibration.filler_words, bucket.output_tokens, run.arrivals, rng
+            step_plan, calibration.filler_words, bucket.output_tokens, run.arrivals, rng
         )
-        step = profiling.summarise(results, plan, run.criteria.percentile)
-        search.record(step)
+        step = profiling.summarise(results, step_plan, run.criteria.percentile)
         if profiling.mostly_failed(step):
             raise EndpointError(
                 f"{endpoint.completions_url}: {step.errors} of {step.sent} requests failed at "
                 f"{rate:.3g} req/s in {bucket.label}: {step.error}"
             )
+        return step
+
+    if not await profiling.run_search(search, measure, stop=out_of_time):
+        raise OutOfTime()
     note = None
     if search.unbounded:
         note = "the server kept up at every rate tried; the limit is higher"

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -327,16 +327,17 @@ class RateSearch:
         return self.lowest_fail is None and self.highest_pass is not None
 
 
-def run_search(
+async def run_search(
     search: RateSearch,
-    measure: Callable[[float], StepResult],
+    measure: Callable[[float], Awaitable[StepResult]],
     stop: Callable[[float], bool] | None = None,
 ) -> bool:
-    """Drive `search` with a synchronous `measure(rate)`; False when `stop(rate)` cut it short."""
+    """Drive `search` with `measure(rate)` (a step of load); False when `stop(rate)` cut it short
+    before that step (`melange.endpoint` stops before a step that would not fit the budget)."""
     while (rate := search.next_rate()) is not None:
         if stop is not None and stop(rate):
             return False
-        search.record(measure(rate))
+        search.record(await measure(rate))
     return True
 
 

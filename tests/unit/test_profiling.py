@@ -3,6 +3,7 @@ document that is both the profile and the resume state, and the time budget."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Callable
 from typing import Any
@@ -160,11 +161,24 @@ def server(capacity: float) -> Callable[[float], StepResult]:
     return measure
 
 
+def search_with(
+    search: RateSearch,
+    measure: Callable[[float], StepResult],
+    stop: Callable[[float], bool] | None = None,
+) -> bool:
+    """`profiling.run_search` (the driver `melange.endpoint` uses) with a synchronous server."""
+
+    async def step(rate: float) -> StepResult:
+        return measure(rate)
+
+    return asyncio.run(profiling.run_search(search, step, stop))
+
+
 @pytest.mark.parametrize("capacity", [0.3, 1.0, 3.7, 50.0, 1234.5])
 @pytest.mark.parametrize("refine", [0, 3, 5])
 def test_search_converges_below_the_capacity(capacity: float, refine: int) -> None:
     search = RateSearch(start=1.0, criteria=CRITERIA, refine=refine)
-    assert profiling.run_search(search, server(capacity))
+    assert search_with(search, server(capacity))
     # the highest pass is below the limit, by at most the bracket left after `refine` bisections
     assert search.throughput <= capacity
     assert search.throughput >= capacity * (1 - 1 / 2**refine) - 1e-9
@@ -174,7 +188,7 @@ def test_search_converges_below_the_capacity(capacity: float, refine: int) -> No
 
 def test_search_doubles_then_bisects() -> None:
     search = RateSearch(start=1.0, criteria=CRITERIA, refine=2)
-    profiling.run_search(search, server(5.0))
+    search_with(search, server(5.0))
     assert [s.rate for s, _ in search.steps] == [1, 2, 4, 8, 6, 5]
     assert [v is None for _, v in search.steps] == [True, True, True, False, False, True]
     assert search.throughput == 5
@@ -182,21 +196,21 @@ def test_search_doubles_then_bisects() -> None:
 
 def test_search_halves_when_the_start_fails() -> None:
     search = RateSearch(start=8.0, criteria=CRITERIA, refine=1)
-    profiling.run_search(search, server(3.0))
+    search_with(search, server(3.0))
     assert [s.rate for s, _ in search.steps] == [8, 4, 2, 3]
     assert search.throughput == 3
 
 
 def test_search_gives_zero_when_nothing_passes() -> None:
     search = RateSearch(start=1.0, criteria=CRITERIA)
-    profiling.run_search(search, lambda rate: step_at(rate, tpot=0.05))
+    search_with(search, lambda rate: step_at(rate, tpot=0.05))
     assert search.throughput == 0
     assert min(s.rate for s, _ in search.steps) == pytest.approx(1 / 2**profiling.MAX_SHRINK_STEPS)
 
 
 def test_search_stops_growing_on_a_server_that_never_saturates() -> None:
     search = RateSearch(start=1.0, criteria=CRITERIA)
-    profiling.run_search(search, step_at)
+    search_with(search, step_at)
     assert search.unbounded
     assert len(search.steps) == profiling.MAX_GROWTH_STEPS + 1
 
@@ -208,13 +222,13 @@ def test_search_falling_behind_fails_a_step() -> None:
         return step_at(rate, tpot=0.02, achieved=min(rate, 6.0))
 
     search = RateSearch(start=1.0, criteria=CRITERIA, refine=4)
-    profiling.run_search(search, queueing)
+    search_with(search, queueing)
     assert 6.0 <= search.throughput <= 6.0 / profiling.KEEP_UP
 
 
-def test_run_search_stops_when_told() -> None:
+def test_search_stops_when_told() -> None:
     search = RateSearch(start=1.0, criteria=CRITERIA)
-    assert not profiling.run_search(search, server(100.0), stop=lambda rate: rate > 4)
+    assert not search_with(search, server(100.0), stop=lambda rate: rate > 4)
     assert [s.rate for s, _ in search.steps] == [1, 2, 4]
 
 
@@ -235,7 +249,7 @@ def test_budget_cuts_the_search_before_a_step_that_does_not_fit() -> None:
         return server(100.0)(rate)
 
     search = RateSearch(start=1.0, criteria=CRITERIA)
-    finished = profiling.run_search(
+    finished = search_with(
         search,
         measure,
         stop=lambda rate: not budget.fits(clock[0], profiling.plan_step(rate, 5, 1).seconds),
@@ -270,7 +284,7 @@ META = profiling.Meta(
 
 def measurement(bucket: profiling.Bucket, capacity: float) -> profiling.BucketMeasurement:
     search = RateSearch(start=1.0, criteria=CRITERIA)
-    profiling.run_search(search, server(capacity))
+    search_with(search, server(capacity))
     return profiling.BucketMeasurement(
         bucket=bucket,
         throughput=search.throughput,
