@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from melange import ipf
-from melange.api import bucket_label
+from melange.api import Buckets, bucket_label
 from melange.rates import (
     InvalidResponse,
     InvalidValue,
@@ -260,13 +260,18 @@ def drift(
     return Drift(moved, False, f"the distribution moved {moved:.1%}: within tolerance")
 
 
-def matches_shape(matrix: Any, rows: int, cols: int) -> bool:
-    return (
+def fitting(matrix: Any, buckets: Buckets) -> Matrix | None:
+    """`matrix` when it is a matrix of numbers with one row per input bucket and one column per
+    output bucket, else None (e.g. one fitted before the spec's edges changed)."""
+    rows, cols = len(buckets.input_tokens) - 1, len(buckets.output_tokens) - 1
+    if (
         isinstance(matrix, list)
         and len(matrix) == rows
         and all(isinstance(r, list) and len(r) == cols for r in matrix)
         and all(isinstance(v, int | float) and not isinstance(v, bool) for r in matrix for v in r)
-    )
+    ):
+        return [[float(v) for v in row] for row in matrix]
+    return None
 
 
 def describe_largest_moves(
@@ -287,12 +292,11 @@ def describe_largest_moves(
     return "; ".join(parts)
 
 
-def status_fields(observation: Observation | None, moved: float | None) -> dict[str, Any]:
-    if observation is None:
-        return {}
+def observation_status(observation: Observation, moved: float) -> dict[str, Any]:
+    """The status fields of one observation: the fitted shares and their distance from the plan's."""
     return {
         "observedDistribution": observation.matrix,
-        "distributionDistance": round(moved, DIGITS) if moved is not None else None,
+        "distributionDistance": round(moved, DIGITS),
     }
 
 

@@ -490,18 +490,16 @@ class RateRuntime:
         if isinstance(observation, RateError):
             condition = reconcile.distribution_failed(observation)
         else:
-            rows, cols = len(spec.buckets.input_tokens) - 1, len(spec.buckets.output_tokens) - 1
-            solved = state.solved_distribution
-            if not distribution.matches_shape(solved, rows, cols):
-                solved = spec.workload.distribution
-            assert solved is not None
+            solved = (
+                distribution.fitting(state.solved_distribution, spec.buckets)
+                or spec.workload.distribution
+            )
             moved = distribution.drift(solved, observation.matrix, follow.drift_tolerance)
             condition = reconcile.distribution_observed(
                 observation.summary(follow.window_seconds), moved.distance
             )
             metrics.record_distribution_distance(*key, moved.distance)
-            status["observedDistribution"] = observation.matrix
-            status["distributionDistance"] = round(moved.distance, distribution.DIGITS)
+            status.update(distribution.observation_status(observation, moved.distance))
             if moved.resolve:
                 changes = distribution.describe_largest_moves(
                     solved,

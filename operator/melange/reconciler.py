@@ -145,23 +145,16 @@ async def reconcile_core(
     if not follows:
         dropped.append(conditions.DISTRIBUTION_OBSERVED)
         result.status.update(distribution_module.cleared_status(status))
-    rows, cols = len(parsed.buckets.input_tokens) - 1, len(parsed.buckets.output_tokens) - 1
-    if not follows or not distribution_module.matches_shape(distribution, rows, cols):
-        distribution = None  # fitted for other buckets: the next observation fits it again
-    if distribution is not None:
+    # None also when fitted for other buckets: the next observation fits it again
+    fitted = distribution_module.fitting(distribution, parsed.buckets) if follows else None
+    if fitted is not None:
         parsed = parsed.model_copy(
-            update={
-                "workload": parsed.workload.model_copy(
-                    update={"distribution": [list(row) for row in distribution]}
-                )
-            }
+            update={"workload": parsed.workload.model_copy(update={"distribution": fitted})}
         )
     plan = await asyncio.to_thread(solver.solve_spec, parsed, rate)
     result.solved_rate = plan.total_rate
     if follows:  # feasible or not, what was solved for; None deletes: the spec's own matrix
-        result.status["solvedDistribution"] = (
-            [list(row) for row in distribution] if distribution is not None else None
-        )
+        result.status["solvedDistribution"] = fitted
     metrics.record_plan(namespace, name, plan, trigger)
     if not plan.solved:
         logger.warning("No feasible plan, node pools left as they are: %s", plan.reason)
