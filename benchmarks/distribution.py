@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from melange import api, distribution, solver
+from melange import api, distribution
+from melange.plan import solver
 
 BOUNDS = [m * 10**e for e in range(6) for m in (1, 2, 5)]  # 1 .. 500000, as vLLM's 1-2-5 series
 

@@ -27,7 +27,8 @@ from tests.e2e.kube import CRD_FILE, MANIFESTS, Kinds, Kube, eventually
 from tests.e2e.operator_process import OperatorProcess
 from tests.e2e.test_operator import SPEC, manifest
 
-from melange import api, solver
+from melange import api
+from melange.plan import solver
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,7 +2,8 @@
 
 Exit codes are part of the interface: 0 solved, 1 infeasible (the reason on stderr), 2 invalid input
 (every error on stderr, one per line; click's own usage errors use 2 as well); `profile` adds 3 for
-a measurement stopped with buckets left.
+a measurement stopped with buckets left; `solve` adds 4 for a time limit that ran out with neither
+a plan nor a proof of infeasibility.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import dataclasses
 import math
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,9 +20,11 @@ from typing import Any
 import click
 import yaml
 
-from melange import __version__, api, perfmodel, profiles, report, solver, workload
+from melange import api, perfmodel, profiles, workload
 from melange.cli_profile import profile_command
-from melange.cliutil import EXIT_INFEASIBLE, EXIT_INVALID, dump, fail, parse_edges
+from melange.cliutil import EXIT_INFEASIBLE, EXIT_INVALID, EXIT_UNSOLVED, dump, fail, parse_edges
+from melange.plan import report
+from melange.plan import result as plan_result
 from melange.profiles import build as profile_build
 
 
@@ -37,7 +41,7 @@ def _read_input(path: str) -> api.Allocation:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="melange")
+@click.version_option(package_name="melange-operator", prog_name="melange")
 def main() -> None:
     """Keep LLM serving on the cheapest mix of GPU types that meets the latency SLO.
 
@@ -69,47 +73,54 @@ def main() -> None:
     help="Slices per bucket, instead of spec.sliceFactor.",
 )
 @click.option(
-    "--solver",
-    "backend",
-    type=click.Choice(list(solver.BACKENDS)),
-    default=solver.DEFAULT_BACKEND,
+    "--method",
+    type=click.Choice(list(plan_result.METHODS)),
+    default=plan_result.DEFAULT_METHOD,
     show_default=True,
-    help="MILP backend: CBC (bundled with PuLP, a subprocess) or HiGHS (in process).",
+    help="decomposition: branch on the replica counts, repair split buckets (fast at the CRD's "
+    "full size); direct: the whole counted-form MILP in HiGHS. Both are certified and exact.",
 )
 @click.option(
     "--time-limit",
     type=click.FloatRange(min=0, min_open=True),
     default=60.0,
     show_default=True,
-    help="Seconds the solver may search; past it the best plan found is printed as 'Feasible' "
-    "with its gap to the lower bound.",
+    help="Seconds for the whole command, reading the input included; past it the best plan found "
+    "is printed as 'Feasible' with its gap to the lower bound.",
 )
 def solve(
     file: str,
     output: str,
     rate: float | None,
     slice_factor: int | None,
-    backend: solver.Backend,
+    method: plan_result.Method,
     time_limit: float,
 ) -> None:
     """Print the cheapest plan for the allocation in FILE ('-' reads stdin).
 
     FILE is a MelangeAllocation manifest, or its bare spec, in YAML or JSON. The plan gives the
-    replicas per GPU type, the cost per hour, the LP lower bound, and the saving against the best
-    single-GPU-type plan. Exits 0 when solved (status Optimal, or Feasible when the time limit cut
-    the search short), 1 when infeasible, 2 when the input is invalid.
+    replicas per GPU type, the cost per hour, a proven lower bound, and the saving against the best
+    single-GPU-type plan. Exits 0 with a plan (status Optimal when proven, Feasible when the time limit
+    cut the search short), 1 when infeasibility is proven, 2 when the input is invalid, 4 when the
+    time limit ran out with neither a plan nor a proof.
     """
+    started = time.monotonic()
     allocation = _read_input(file)
     if rate is not None and math.isnan(rate):  # NaN passes FloatRange
         fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
-    problem = solver.Problem.from_spec(allocation.spec, rate=rate, slice_factor=slice_factor)
-    plan = solver.solve(problem, backend=backend, time_limit=time_limit)
+    from melange.plan import solver
+    from melange.plan.problem import Problem
+
+    problem = Problem.from_spec(allocation.spec, rate=rate, slice_factor=slice_factor)
+    plan = solver.solve(problem, method=method, time_limit=time_limit, started=started)
     if output == "table":
         click.echo(report.render_table(plan), nl=False)
     else:
         click.echo(dump(report.plan_to_dict(plan), output), nl=False)
-    if not plan.solved:
+    if plan.status == "Infeasible":
         fail([f"infeasible: {plan.reason}"], EXIT_INFEASIBLE)
+    if plan.status == "Unsolved":
+        fail([f"unsolved: {plan.reason}"], EXIT_UNSOLVED)
 
 
 @main.group("profiles")

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
-from melange import __version__, profiles, profiling
+from melange import profiles, profiling
 from melange.cliutil import EXIT_INVALID, dump, fail, parse_edges
+from melange.version import installed_version
 
 if TYPE_CHECKING:
     from melange import endpoint
@@ -323,7 +324,7 @@ def profile_command(
         gpu=gpu,
         cost_per_hour=cost_per_hour,
         model=model,
-        tool=f"melange {__version__}",
+        tool=f"melange {installed_version()}",
     )
     started = time.monotonic()
     document = _load_state(output, conditions, meta, restart)

@@ -16,6 +16,7 @@ import yaml
 
 EXIT_INFEASIBLE = 1
 EXIT_INVALID = 2
+EXIT_UNSOLVED = 4
 
 
 def fail(lines: list[str], code: int) -> NoReturn:

@@ -19,7 +19,7 @@ from prometheus_client import (
     start_http_server,
 )
 
-from melange.solver import Plan
+from melange.plan.result import Plan
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 ALLOCATION = ("namespace", "allocation")
@@ -38,7 +38,7 @@ PLAN_COST = Gauge(
 )
 PLAN_LOWER_BOUND = Gauge(
     "melange_plan_lower_bound_cost_per_hour",
-    "LP-relaxation lower bound on the cost per hour: no plan can cost less.",
+    "Proven lower bound on the cost per hour: no plan can cost less.",
     ALLOCATION,
     registry=REGISTRY,
 )
@@ -69,7 +69,7 @@ DISTRIBUTION_DISTANCE = Gauge(
 )
 SOLVE_DURATION = Histogram(
     "melange_solve_duration_seconds",
-    "Time to solve an allocation's ILP, including the LP bound.",
+    "Time to solve an allocation's ILP and prove its bound.",
     ALLOCATION,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
     registry=REGISTRY,

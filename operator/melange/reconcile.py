@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from melange import rates, report
+from melange import rates
 from melange.api import AllocationSpec, FieldError, GpuType, RateSource
 from melange.conditions import (
     DISTRIBUTION_OBSERVED,
@@ -22,8 +22,9 @@ from melange.conditions import (
     Condition,
     timestamp,
 )
+from melange.plan import report
+from melange.plan.result import Plan
 from melange.rates import RateError
-from melange.solver import Plan
 
 MAX_QUERY_SECONDS = 10
 RATE_STATUS_FIELDS = ("observedRate", "lastObservationTime", "rateHistory")
@@ -198,11 +199,13 @@ def invalid_conditions(errors: Sequence[FieldError]) -> list[Condition]:
 
 
 def infeasible_conditions(plan: Plan) -> list[Condition]:
+    """No plan to act on: proven `Infeasible`, or `Unsolved` (time ran out with neither a plan nor a
+    proof); the reason says which, and the pools stay as they are."""
     message = plan.reason or "no plan serves the workload"
     return [
-        Condition(READY, "False", "Infeasible", message),
-        Condition(SOLVED, "False", "Infeasible", message),
-        Condition(SCALED, "Unknown", "Infeasible", "node pools were left as they are"),
+        Condition(READY, "False", plan.status, message),
+        Condition(SOLVED, "False", plan.status, message),
+        Condition(SCALED, "Unknown", plan.status, "node pools were left as they are"),
     ]
 
 

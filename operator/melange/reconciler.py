@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from melange import api, conditions, metrics, reconcile, solver
+from melange import api, conditions, metrics, reconcile
 from melange import distribution as distribution_module
 from melange.conditions import Condition
+from melange.plan import solver
 from melange.scaling import ScaleError, Scaler
 
 # -- the shared reconcile -------------------------------------------------------------------------
@@ -158,7 +159,7 @@ async def reconcile_core(
     metrics.record_plan(namespace, name, plan, trigger)
     if not plan.solved:
         logger.warning("No feasible plan, node pools left as they are: %s", plan.reason)
-        metrics.record_error(namespace, name, "Infeasible")
+        metrics.record_error(namespace, name, plan.status)
         result.status["planStatus"] = plan.status
         updates = reconcile.infeasible_conditions(plan)
         _set_conditions(result, status, [*updates, *extra], generation, now, dropped)

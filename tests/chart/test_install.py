@@ -14,7 +14,8 @@ import pytest
 from kubernetes import client
 from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError
 
-from melange import api, solver
+from melange import api
+from melange.plan import solver
 from tests.controlplane.harness import ControlPlane
 from tests.e2e.kube import Kinds, Kube, eventually
 from tests.e2e.test_operator import SPEC as E2E_SPEC

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from melange import api, solver
+from melange import api
 from melange.cli import main
+from melange.plan import solver
 
 from .conftest import EMITTER_RATE
 from .kube import Kinds, Kube, eventually, reasons

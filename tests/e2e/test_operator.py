@@ -11,7 +11,8 @@ import pytest
 import yaml
 from kubernetes.dynamic.exceptions import UnprocessibleEntityError
 
-from melange import api, solver
+from melange import api
+from melange.plan import solver
 from tests.specs import with_value
 
 from .kube import REPO, Kinds, Kube, eventually, reasons

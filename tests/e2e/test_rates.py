@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from melange import api, solver
+from melange import api
+from melange.plan import solver
 
 from .conftest import EMITTER_RATE
 from .kube import Kinds, Kube, eventually, reasons

@@ -8,7 +8,8 @@ from types import ModuleType
 
 import pytest
 
-from melange import api, solver
+from melange import api
+from melange.plan import solver
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from melange import api, conditions, reconcile, solver
+from melange import api, conditions, reconcile
 from melange.conditions import Condition
+from melange.plan import solver
+from melange.plan.result import GpuResult, Plan
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -77,10 +79,10 @@ def test_transitioned_on_status_or_reason_only() -> None:
     assert conditions.transitioned(None, Condition("Ready", "True", "Reconciled", ""))
 
 
-def _plan(**replicas: int) -> solver.Plan:
-    return solver.Plan(
+def _plan(**replicas: int) -> Plan:
+    return Plan(
         status="Optimal",
-        gpus=tuple(solver.GpuResult(name, n, n * 1.0, 0.5, n / 2) for name, n in replicas.items()),
+        gpus=tuple(GpuResult(name, n, n * 1.0, 0.5, n / 2) for name, n in replicas.items()),
     )
 
 
@@ -133,7 +135,7 @@ def test_invalid_and_infeasible_conditions() -> None:
     ready = reconcile.invalid_conditions(errors)[0]
     assert (ready.status, ready.reason) == ("False", "InvalidSpec")
     assert ready.message == "spec.x: must be 1; spec.y: is required"
-    plan = solver.Plan(status="Infeasible", reason="no GPU type can serve input 1-100")
+    plan = Plan(status="Infeasible", reason="no GPU type can serve input 1-100")
     ready, solved, scaled = reconcile.infeasible_conditions(plan)
     assert (ready.status, ready.reason) == ("False", "Infeasible")
     assert ready.message == solved.message == "no GPU type can serve input 1-100"

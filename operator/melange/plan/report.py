@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from melange.solver import Plan
+from melange.plan.result import Plan
 
 
 def _round(value: float | None, digits: int = 6) -> float | None:
@@ -18,7 +18,10 @@ def assignment_to_list(plan: Plan) -> list[dict[str, Any]]:
             "inputTokens": list(bucket.input_tokens),
             "outputTokens": list(bucket.output_tokens),
             "rate": _round(bucket.rate),
-            "shares": [{"gpu": s.gpu, "fraction": _round(s.fraction)} for s in bucket.shares],
+            "shares": [
+                {"gpu": s.gpu, "slices": s.slices, "fraction": _round(s.fraction)}
+                for s in bucket.shares
+            ],
         }
         for bucket in plan.assignment
     ]
@@ -53,7 +56,7 @@ def plan_to_dict(plan: Plan, include_timing: bool = True) -> dict[str, Any]:
             for b in plan.baselines
         ],
         "saving": _round(plan.saving, 4),
-        "solver": plan.backend,
+        "method": plan.method,
     }
     if include_timing:
         data["solveSeconds"] = _round(plan.solve_seconds, 4)
@@ -88,10 +91,13 @@ def render_table(plan: Plan) -> str:
     rows.append(["total", str(total_replicas), f"{plan.cost_per_hour or 0:.2f}", ""])
     lines = format_table(["GPU", "REPLICAS", "COST/H", "UTILIZATION"], rows)
     lines.append("")
-    lines.append(f"status:       {plan.status} ({plan.backend}, {plan.solve_seconds:.3f} s)")
+    verdict = "proven" if plan.status == "Optimal" else plan.reason
+    lines.append(
+        f"status:       {plan.status} ({verdict}; {plan.method}, {plan.solve_seconds:.3f} s)"
+    )
     lines.append(f"request rate: {plan.total_rate:.4g} req/s")
     gap = plan.gap or 0.0
-    lines.append(f"lower bound:  {plan.lower_bound or 0:.2f}/h (LP relaxation; gap {gap:.1%})")
+    lines.append(f"lower bound:  {plan.lower_bound or 0:.2f}/h (no plan costs less; gap {gap:.1%})")
     best = plan.best_baseline
     if best is not None and plan.saving is not None:
         lines.append(
