@@ -69,16 +69,17 @@ def test_yaml_output_and_overrides() -> None:
         "68",
         "--slice-factor",
         "4",
-        "--solver",
-        "cbc",
+        "--method",
+        "direct",
         stdin=SMALL,
     )
     assert result.returncode == 0, result.stderr
     plan = yaml.safe_load(result.stdout)
     assert plan["totalRate"] == 68
-    assert plan["solver"] == "cbc"
+    assert plan["method"] == "direct"
     fractions = {s["fraction"] for b in plan["assignment"] for s in b["shares"]}
     assert fractions <= {0.25, 0.5, 0.75, 1.0}
+    assert all(s["fraction"] == s["slices"] / 4 for b in plan["assignment"] for s in b["shares"])
 
 
 def test_zero_rate_solves_to_minimums() -> None:
