@@ -14,7 +14,7 @@ import heapq
 import itertools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,19 +27,19 @@ from melange.plan.instance import Instance
 class _Node:
     bound: float
     order: int
-    lower: Floats = None  # type: ignore[assignment]
-    upper: Floats = None  # type: ignore[assignment]
+    lower: Floats = field(compare=False)
+    upper: Floats = field(compare=False)
 
 
 class Relaxation:
     """The counted form with continuous slice counts, kept loaded in one HiGHS instance."""
 
-    def __init__(self, instance: Instance, allowed: np.ndarray | None = None) -> None:
+    def __init__(self, instance: Instance) -> None:
         import highspy
 
         self.instance = instance
         self.types = len(instance.cost)
-        model, self.pair_type, self.pair_bucket = instance.counted(integral=False, allowed=allowed)
+        model, self.pair_type, self.pair_bucket = instance.counted(integral=False)
         self.highs = highs.load(replace(model, integer=np.zeros_like(model.integer)))
         self.highs.setOptionValue("presolve", "off")
         self._kind = highspy.HighsModelStatus
@@ -57,28 +57,6 @@ class Relaxation:
         if status in (self._kind.kInfeasible, self._kind.kUnboundedOrInfeasible):
             return False
         return None
-
-    def reduced(self, budget: float) -> tuple[np.ndarray, Floats, Floats]:
-        """Reduced-cost fixing after an optimal solve of value z: a plan that gives any slice to a
-        pair whose reduced cost exceeds `budget` (the incumbent minus z) cannot beat the incumbent,
-        nor can one that moves a replica count further than `budget` pays for. Returns the pairs
-        still allowed [type, bucket] and the replica bounds."""
-        solution = self.highs.getSolution()
-        reduced = np.array(solution.col_dual, dtype=np.float64)
-        values = np.array(solution.col_value, dtype=np.float64)
-        k_reduced = reduced[self.types :][: len(self.pair_type)]
-        allowed = np.zeros(self.instance.served.shape, dtype=bool)
-        keep = k_reduced <= budget + 1e-9
-        allowed[self.pair_type[keep], self.pair_bucket[keep]] = True
-        n, d = values[: self.types], reduced[: self.types]
-        lower, upper = self.instance.lower.copy(), self.instance.upper.copy()
-        with np.errstate(divide="ignore", invalid="ignore"):
-            room = np.floor(budget / np.abs(d) + 1e-9)
-        rises = d > 1e-12  # at its lower bound: every replica more costs at least d
-        upper[rises] = np.minimum(upper[rises], np.floor(n[rises] + 1e-9) + room[rises])
-        falls = d < -1e-12  # at its upper bound: every replica less costs at least -d
-        lower[falls] = np.maximum(lower[falls], np.ceil(n[falls] - 1e-9) - room[falls])
-        return allowed, lower, upper
 
 
 def branch_and_bound(
@@ -123,17 +101,6 @@ def branch_and_bound(
         assert isinstance(x, np.ndarray)
         if node.order == 0:
             root(x, relaxation)
-            budget = incumbent() - tolerance - float(instance.cost @ x[:types])
-            if np.isfinite(budget) and budget >= 0:
-                allowed, lower, upper = relaxation.reduced(budget)
-                relaxation = Relaxation(instance, allowed)
-                node.lower, node.upper = lower, upper
-                x = relaxation.solve(lower, upper, time_left())
-                if x is False:
-                    continue
-                if x is None:
-                    return node.bound
-                assert isinstance(x, np.ndarray)
         bound = max(node.bound, grid(float(instance.cost @ x[:types])))
         if bound >= incumbent() - tolerance:
             continue

@@ -93,18 +93,16 @@ class Instance:
         fixed_load: Floats | None = None,
         excluded: tuple[Floats, ...] = (),
         objective: bool = True,
-        allowed: np.ndarray | None = None,
     ) -> tuple[Milp, Ints, Ints]:
         """The counted-form model: n[type] replicas, k[type, bucket] slices of each bucket per type.
 
         `buckets` restricts it to some buckets, the others' load being `fixed_load`; each fleet in
         `excluded` is cut off with every fleet it dominates (one that has no integer assignment has
-        none of the smaller ones either); `allowed` [type, bucket] leaves out the other pairs. Returns the model and the (type, bucket) of each k column.
+        none of the smaller ones either). Returns the model and the (type, bucket) of each k column.
         """
         types = len(self.cost)
         chosen = np.arange(len(self.buckets)) if buckets is None else buckets
-        usable = self.served if allowed is None else self.served & allowed
-        pair_type, pair_slot = np.nonzero(usable[:, chosen])
+        pair_type, pair_slot = np.nonzero(self.served[:, chosen])
         pair_bucket = chosen[pair_slot]
         pairs = len(pair_type)
         n_lower = self.lower if lower is None else lower
