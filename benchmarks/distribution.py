@@ -3,7 +3,7 @@
     python benchmarks/distribution.py [--repeat 20]
 
 At every poll of an allocation with `workload.fromPrometheus`, the operator parses two histogram
-answers, re-bins them and fits the matrix (`melange.distribution.observe`). This times that against
+answers, re-bins them and fits the matrix (`melange.signals.distribution.observe`). This times that against
 a baseline measured in the same process: one solve of the same allocation, which a drift causes
 anyway. Sizes: the examples' 8 x 6 buckets with 5 GPU types, and 16 x 16 with 8 (random
 throughputs make harder instances than real profiles do). The histograms have vLLM's 1-2-5 bounds
@@ -25,8 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 
-from melange import api, distribution
+from melange import api
 from melange.plan import solver
+from melange.signals import distribution
 
 BOUNDS = [m * 10**e for e in range(6) for m in (1, 2, 5)]  # 1 .. 500000, as vLLM's 1-2-5 series
 

@@ -36,8 +36,9 @@ from tests.e2e.operator_process import OperatorProcess
 from tests.e2e.prometheus import MODEL, SCRAPE_INTERVAL_SECONDS, LoadEmitter, PrometheusServer
 from tests.e2e.test_operator import SPEC, make_pools, pool_replicas
 
-from melange import api, rates
+from melange import api
 from melange.plan import solver
+from melange.signals import rates
 
 LOW, HIGH = 34.0, 68.0
 TOLERANCE = 0.1

@@ -89,7 +89,8 @@ def run(command: list[str], cap: float) -> tuple[float, str, float | None]:
 
 PER_SLICE = """
 import json, sys, yaml
-from melange import api, solver
+from melange import api
+from melange import solver
 spec = api.validate_spec(json.load(open(sys.argv[1])))
 status, cost = solver.solve_per_slice(solver.Problem.from_spec(spec), time_limit=float(sys.argv[2]))
 print(json.dumps([status, cost]))

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from melange import perfmodel, profiles
+from melange.tools import perfmodel, profiles
 
 HERE = Path(__file__).parent
 GPUS = ("l4", "a10g", "l40s", "a100-80gb", "h100")

@@ -159,7 +159,7 @@ def test_image_build_and_install_steps_give_a_working_melange(tmp_path: Path) ->
     assert yaml.safe_load(solved.stdout)["status"] == "Optimal"
     # `melange run` imports the operator's modules (Kopf, the Kubernetes client) at start.
     subprocess.run(
-        [str(venv / "bin" / "python"), "-c", "import melange.handlers"],
+        [str(venv / "bin" / "python"), "-c", "import melange.controller.kube.handlers"],
         check=True,
         env=env,
         cwd=tmp_path,

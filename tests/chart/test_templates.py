@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from melange import metrics
+from melange.controller import metrics
 
 from .expected import BASE_RULES, DEFAULT_RULES, LABELS, SELECTOR
 from .helm import (

@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from melange import api, distribution, reconcile
-from melange.distribution import Histogram, OutsideBuckets, TooFewRequests
-from melange.rates import InvalidResponse, NoData, QueryFailed
+from melange import api
+from melange.controller import decide
+from melange.signals import distribution
+from melange.signals.distribution import Histogram, OutsideBuckets, TooFewRequests
+from melange.signals.rates import InvalidResponse, NoData, QueryFailed
 from tests.specs import with_value
 
 EDGES_IN = [1, 100, 1000]
@@ -187,27 +189,27 @@ def spec_with(**changes: Any) -> api.AllocationSpec:
 
 def test_following_needs_a_rate_source_and_a_model() -> None:
     no_source = spec_with(workload__fromPrometheus={})
-    assert next(str(e) for e in reconcile.rate_source_errors(no_source)).startswith(
+    assert next(str(e) for e in decide.rate_source_errors(no_source)).startswith(
         "spec.workload.fromPrometheus: needs spec.rateSource"
     )
     no_model = spec_with(
         workload__fromPrometheus={},
         rateSource={"prometheus": {"url": "http://p:9090", "query": "sum(x)"}},
     )
-    assert [e.path for e in reconcile.rate_source_errors(no_model)] == [
+    assert [e.path for e in decide.rate_source_errors(no_model)] == [
         "spec.workload.fromPrometheus.modelName"
     ]
     own_model = spec_with(
         workload__fromPrometheus={"modelName": "m"},
         rateSource={"prometheus": {"url": "http://p:9090", "query": "sum(x)"}},
     )
-    assert reconcile.rate_source_errors(own_model) == []
-    assert reconcile.distribution_model(own_model) == "m"
+    assert decide.rate_source_errors(own_model) == []
+    assert decide.distribution_model(own_model) == "m"
     inherited = spec_with(
         workload__fromPrometheus={},
         rateSource={"prometheus": {"url": "http://p:9090", "modelName": "llama"}},
     )
-    assert reconcile.distribution_model(inherited) == "llama"
+    assert decide.distribution_model(inherited) == "llama"
     follow = inherited.workload.from_prometheus
     assert follow is not None
     assert (follow.window_seconds, follow.drift_tolerance, follow.min_requests) == (3600, 0.1, 100)

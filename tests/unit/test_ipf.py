@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from melange import ipf
+from melange.signals import ipf
 
 PRIOR = np.array([[16.0, 6.0, 1.0], [6.0, 3.0, 2.0], [2.0, 1.0, 0.0]])
 

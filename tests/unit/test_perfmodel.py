@@ -15,9 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from melange import api, perfmodel, profiles
-from melange.perfmodel import GPUS, MODELS, GpuSpec, ModelSpec
-from melange.profiles import build
+from melange import api
+from melange.tools import perfmodel, profiles
+from melange.tools.perfmodel import GPUS, MODELS, GpuSpec, ModelSpec
+from melange.tools.profiles import build
 
 INPUT_EDGES = list(perfmodel.DEFAULT_INPUT_EDGES)
 OUTPUT_EDGES = list(perfmodel.DEFAULT_OUTPUT_EDGES)
@@ -216,16 +217,18 @@ def test_the_recorded_inputs_reproduce_the_estimate() -> None:
 
 
 def test_shipped_files_equal_what_the_generator_produces_now() -> None:
-    data = files("melange.profiles").joinpath("data")
+    data = files("melange.tools.profiles").joinpath("data")
     shipped = {
         entry.name: entry.read_text(encoding="utf-8")
         for entry in data.iterdir()
         if entry.name.endswith(".yaml")
     }
     expected = build.shipped_profile_files()
-    assert sorted(shipped) == sorted(expected), "run `python -m melange.profiles.build`"
+    assert sorted(shipped) == sorted(expected), "run `python -m melange.tools.profiles.build`"
     for name, text in expected.items():
-        assert shipped[name] == text, f"{name} is stale: run `python -m melange.profiles.build`"
+        assert shipped[name] == text, (
+            f"{name} is stale: run `python -m melange.tools.profiles.build`"
+        )
 
 
 def test_build_is_rerunnable_into_a_directory(tmp_path: Path) -> None:

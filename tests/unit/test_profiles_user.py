@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from melange import profiles
+from melange.tools import profiles
 
 MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
 SHIPPED_L4 = "llama-3.1-8b/l4/tpot-120ms"

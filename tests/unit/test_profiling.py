@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from melange import profiles, profiling
-from melange.profiling import Criteria, RateSearch, StepPlan, StepResult
+from melange.tools import measurement, profiles
+from melange.tools.measurement import Criteria, RateSearch, StepPlan, StepResult
 
 CRITERIA = Criteria(tpot_slo=0.04, percentile=90)
 
@@ -24,15 +24,15 @@ CRITERIA = Criteria(tpot_slo=0.04, percentile=90)
     st.floats(min_value=0, max_value=100),
 )
 def test_percentile_is_numpys_linear_definition(values: list[float], q: float) -> None:
-    assert profiling.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
+    assert measurement.percentile(values, q) == pytest.approx(float(np.percentile(values, q)))
 
 
 def test_percentile_counts_unfinished_requests_as_over_the_slo() -> None:
     values = [0.01] * 8 + [math.inf] * 2
-    assert profiling.percentile(values, 50) == 0.01
-    assert profiling.percentile(values, 90) == math.inf
+    assert measurement.percentile(values, 50) == 0.01
+    assert measurement.percentile(values, 90) == math.inf
     with pytest.raises(ValueError, match="no values"):
-        profiling.percentile([], 90)
+        measurement.percentile([], 90)
 
 
 @pytest.mark.parametrize(
@@ -46,18 +46,18 @@ def test_percentile_counts_unfinished_requests_as_over_the_slo() -> None:
         (128, 512, "geometric", 256),
     ],
 )
-def test_request_size(low: int, high: int, point: profiling.SizePoint, expected: int) -> None:
-    assert profiling.request_size(low, high, point) == expected
+def test_request_size(low: int, high: int, point: measurement.SizePoint, expected: int) -> None:
+    assert measurement.request_size(low, high, point) == expected
 
 
-@given(st.integers(1, 10_000), st.integers(1, 10_000), st.sampled_from(profiling.SIZE_POINTS))
+@given(st.integers(1, 10_000), st.integers(1, 10_000), st.sampled_from(measurement.SIZE_POINTS))
 def test_request_size_is_inside_the_bucket(low: int, width: int, point: str) -> None:
-    size = profiling.request_size(low, low + width, point)  # type: ignore[arg-type]
+    size = measurement.request_size(low, low + width, point)  # type: ignore[arg-type]
     assert low <= size < low + width
 
 
 def test_buckets_row_by_row() -> None:
-    cells = profiling.buckets([1, 16, 256], [4, 16, 64], "geometric")
+    cells = measurement.buckets([1, 16, 256], [4, 16, 64], "geometric")
     assert [(b.row, b.column, b.prompt_tokens, b.output_tokens) for b in cells] == [
         (0, 0, 4, 8),
         (0, 1, 4, 32),
@@ -68,38 +68,38 @@ def test_buckets_row_by_row() -> None:
 
 
 def test_calibration_steps() -> None:
-    assert profiling.filler_words(100, overhead=1) == 99
+    assert measurement.filler_words(100, overhead=1) == 99
     assert (
-        profiling.filler_words(1, overhead=3) == 0
+        measurement.filler_words(1, overhead=3) == 0
     )  # shorter than the fixed part: as short as it gets
     # the server counted 3 more tokens than wanted: 3 fewer filler words
-    assert profiling.next_filler_words(99, measured=103, target=100) == 96
-    assert profiling.next_filler_words(2, measured=10, target=1) == 0
+    assert measurement.next_filler_words(99, measured=103, target=100) == 96
+    assert measurement.next_filler_words(2, measured=10, target=1) == 0
 
 
 def test_request_tpot() -> None:
-    assert profiling.request_tpot(first=1.0, last=1.5, tokens=11) == pytest.approx(0.05)
-    assert profiling.request_tpot(first=1.0, last=1.0, tokens=1) == 0.0
+    assert measurement.request_tpot(first=1.0, last=1.5, tokens=11) == pytest.approx(0.05)
+    assert measurement.request_tpot(first=1.0, last=1.0, tokens=1) == 0.0
 
 
 # --- steps ------------------------------------------------------------------------------------------
 
 
 def test_plan_step() -> None:
-    plan = profiling.plan_step(rate=10, step_seconds=20, request_seconds=3)
+    plan = measurement.plan_step(rate=10, step_seconds=20, request_seconds=3)
     assert plan == StepPlan(rate=10, warmup=3, window=20, drain=6)
     assert plan.seconds == 29
     # a window holds at least MIN_WINDOW_REQUESTS requests, up to MAX_WINDOW_STRETCH windows
-    assert profiling.plan_step(rate=0.5, step_seconds=20, request_seconds=3).window == 40
-    assert profiling.plan_step(rate=0.01, step_seconds=20, request_seconds=3).window == 100
+    assert measurement.plan_step(rate=0.5, step_seconds=20, request_seconds=3).window == 40
+    assert measurement.plan_step(rate=0.01, step_seconds=20, request_seconds=3).window == 100
 
 
 def request(
     sent: float, tpot: float | None = 0.02, latency: float = 1.0
-) -> profiling.RequestResult:
+) -> measurement.RequestResult:
     if tpot is None:
-        return profiling.RequestResult(sent=sent)  # never finished
-    return profiling.RequestResult(
+        return measurement.RequestResult(sent=sent)  # never finished
+    return measurement.RequestResult(
         sent=sent, finished=sent + latency, ttft=0.1, tpot=tpot, tokens=10
     )
 
@@ -108,15 +108,15 @@ def test_summarise_counts_only_the_window() -> None:
     plan = StepPlan(rate=2, warmup=1, window=5, drain=2)
     results = [request(t / 2) for t in range(0, 14)]  # sent 0 .. 6.5 s, each takes 1 s
     results[4] = request(2.0, tpot=0.5)  # slow, in the window
-    results[5] = profiling.RequestResult(sent=2.5, error="HTTP 500: boom")
+    results[5] = measurement.RequestResult(sent=2.5, error="HTTP 500: boom")
     results[6] = request(3.0, tpot=None)  # still running at the end of the drain
-    step = profiling.summarise(results, plan, 50)
+    step = measurement.summarise(results, plan, 50)
     assert step.sent == 10  # sent in [1, 6)
     assert (step.completed, step.errors, step.unfinished) == (8, 1, 1)
     assert step.error == "HTTP 500: boom"
     assert step.achieved == pytest.approx(8 / 5)  # finished in [1, 6): sent in [0, 5), minus 2
     assert step.tpot == pytest.approx(0.02)
-    assert profiling.summarise(results, plan, 95).tpot == math.inf
+    assert measurement.summarise(results, plan, 95).tpot == math.inf
 
 
 def step_at(rate: float, tpot: float = 0.03, **fields: Any) -> StepResult:
@@ -135,18 +135,18 @@ def step_at(rate: float, tpot: float = 0.03, **fields: Any) -> StepResult:
 
 
 def test_judge() -> None:
-    assert profiling.judge(step_at(10), CRITERIA) is None
-    assert profiling.judge(step_at(10, tpot=0.041), CRITERIA) == "p90 TPOT 41.0 ms > SLO 40 ms"
-    assert "falling behind" in str(profiling.judge(step_at(10, achieved=8.9), CRITERIA))
-    assert profiling.judge(step_at(10, achieved=9.0), CRITERIA) is None
-    assert profiling.judge(step_at(10, errors=2), CRITERIA) is None  # 2 of 100
-    assert profiling.judge(step_at(10, errors=3), CRITERIA) == "3 of 100 requests failed"
+    assert measurement.judge(step_at(10), CRITERIA) is None
+    assert measurement.judge(step_at(10, tpot=0.041), CRITERIA) == "p90 TPOT 41.0 ms > SLO 40 ms"
+    assert "falling behind" in str(measurement.judge(step_at(10, achieved=8.9), CRITERIA))
+    assert measurement.judge(step_at(10, achieved=9.0), CRITERIA) is None
+    assert measurement.judge(step_at(10, errors=2), CRITERIA) is None  # 2 of 100
+    assert measurement.judge(step_at(10, errors=3), CRITERIA) == "3 of 100 requests failed"
     assert "3 requests unfinished" in str(
-        profiling.judge(step_at(10, tpot=math.inf, unfinished=3), CRITERIA)
+        measurement.judge(step_at(10, tpot=math.inf, unfinished=3), CRITERIA)
     )
-    assert profiling.judge(step_at(10, sent=0), CRITERIA) is not None
-    assert profiling.mostly_failed(step_at(10, errors=51))
-    assert not profiling.mostly_failed(step_at(10, errors=50))
+    assert measurement.judge(step_at(10, sent=0), CRITERIA) is not None
+    assert measurement.mostly_failed(step_at(10, errors=51))
+    assert not measurement.mostly_failed(step_at(10, errors=50))
 
 
 # --- the search ---------------------------------------------------------------------------------------
@@ -166,12 +166,12 @@ def search_with(
     measure: Callable[[float], StepResult],
     stop: Callable[[float], bool] | None = None,
 ) -> bool:
-    """`profiling.run_search` (the driver `melange.endpoint` uses) with a synchronous server."""
+    """`measurement.run_search` (the driver `melange.tools.endpoint` uses) with a synchronous server."""
 
     async def step(rate: float) -> StepResult:
         return measure(rate)
 
-    return asyncio.run(profiling.run_search(search, step, stop))
+    return asyncio.run(measurement.run_search(search, step, stop))
 
 
 @pytest.mark.parametrize("capacity", [0.3, 1.0, 3.7, 50.0, 1234.5])
@@ -205,14 +205,16 @@ def test_search_gives_zero_when_nothing_passes() -> None:
     search = RateSearch(start=1.0, criteria=CRITERIA)
     search_with(search, lambda rate: step_at(rate, tpot=0.05))
     assert search.throughput == 0
-    assert min(s.rate for s, _ in search.steps) == pytest.approx(1 / 2**profiling.MAX_SHRINK_STEPS)
+    assert min(s.rate for s, _ in search.steps) == pytest.approx(
+        1 / 2**measurement.MAX_SHRINK_STEPS
+    )
 
 
 def test_search_stops_growing_on_a_server_that_never_saturates() -> None:
     search = RateSearch(start=1.0, criteria=CRITERIA)
     search_with(search, step_at)
     assert search.unbounded
-    assert len(search.steps) == profiling.MAX_GROWTH_STEPS + 1
+    assert len(search.steps) == measurement.MAX_GROWTH_STEPS + 1
 
 
 def test_search_falling_behind_fails_a_step() -> None:
@@ -223,7 +225,7 @@ def test_search_falling_behind_fails_a_step() -> None:
 
     search = RateSearch(start=1.0, criteria=CRITERIA, refine=4)
     search_with(search, queueing)
-    assert 6.0 <= search.throughput <= 6.0 / profiling.KEEP_UP
+    assert 6.0 <= search.throughput <= 6.0 / measurement.KEEP_UP
 
 
 def test_search_stops_when_told() -> None:
@@ -233,26 +235,26 @@ def test_search_stops_when_told() -> None:
 
 
 def test_budget() -> None:
-    budget = profiling.Budget(started=100.0, seconds=60.0)
+    budget = measurement.Budget(started=100.0, seconds=60.0)
     assert budget.fits(now=130.0, needed=30.0)
     assert not budget.fits(now=130.0, needed=30.1)
-    assert profiling.Budget(started=0.0, seconds=None).fits(now=1e9, needed=1e9)
+    assert measurement.Budget(started=0.0, seconds=None).fits(now=1e9, needed=1e9)
 
 
 def test_budget_cuts_the_search_before_a_step_that_does_not_fit() -> None:
-    """How `melange.endpoint.measure_bucket` uses it: each step is planned, then checked."""
-    budget = profiling.Budget(started=0.0, seconds=40.0)
+    """How `melange.tools.endpoint.measure_bucket` uses it: each step is planned, then checked."""
+    budget = measurement.Budget(started=0.0, seconds=40.0)
     clock = [0.0]
 
     def measure(rate: float) -> StepResult:
-        clock[0] += profiling.plan_step(rate, 5, 1).seconds
+        clock[0] += measurement.plan_step(rate, 5, 1).seconds
         return server(100.0)(rate)
 
     search = RateSearch(start=1.0, criteria=CRITERIA)
     finished = search_with(
         search,
         measure,
-        stop=lambda rate: not budget.fits(clock[0], profiling.plan_step(rate, 5, 1).seconds),
+        stop=lambda rate: not budget.fits(clock[0], measurement.plan_step(rate, 5, 1).seconds),
     )
     assert not finished
     # 1 req/s: 1 s warm-up, a window of 20 requests, 2 s drain (23 s); 2 req/s: 13 s; the third
@@ -263,7 +265,7 @@ def test_budget_cuts_the_search_before_a_step_that_does_not_fit() -> None:
 
 # --- the document -------------------------------------------------------------------------------------
 
-CONDITIONS = profiling.Conditions(
+CONDITIONS = measurement.Conditions(
     endpoint="http://gpu-1:8000",
     model="meta-llama/Llama-3.1-8B-Instruct",
     tpot_seconds=0.04,
@@ -273,8 +275,8 @@ CONDITIONS = profiling.Conditions(
     size_point="geometric",
     arrivals="uniform",
 )
-META = profiling.Meta(
-    profile=profiling.default_profile_name(CONDITIONS.model, "L4", 0.04),
+META = measurement.Meta(
+    profile=measurement.default_profile_name(CONDITIONS.model, "L4", 0.04),
     gpu="L4",
     cost_per_hour=0.8,
     model=CONDITIONS.model,
@@ -282,10 +284,10 @@ META = profiling.Meta(
 )
 
 
-def measurement(bucket: profiling.Bucket, capacity: float) -> profiling.BucketMeasurement:
+def measured(bucket: measurement.Bucket, capacity: float) -> measurement.BucketMeasurement:
     search = RateSearch(start=1.0, criteria=CRITERIA)
     search_with(search, server(capacity))
-    return profiling.BucketMeasurement(
+    return measurement.BucketMeasurement(
         bucket=bucket,
         throughput=search.throughput,
         prompt_tokens=bucket.prompt_tokens,
@@ -299,21 +301,21 @@ def measurement(bucket: profiling.Bucket, capacity: float) -> profiling.BucketMe
 def test_default_profile_name_is_a_valid_name() -> None:
     assert META.profile == "meta-llama/llama-3.1-8b-instruct/l4/tpot-40ms"
     assert profiles.PROFILE_NAME.match(
-        profiling.default_profile_name("Qwen 2.5 (7B)", "H100 SXM", 0.1)
+        measurement.default_profile_name("Qwen 2.5 (7B)", "H100 SXM", 0.1)
     )
 
 
 def test_document_is_a_valid_profile_only_when_complete() -> None:
-    document = profiling.new_document(META, CONDITIONS)
-    cells = profiling.buckets([1, 128, 512], [1, 64, 256], "geometric")
-    assert profiling.pending(document) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    document = measurement.new_document(META, CONDITIONS)
+    cells = measurement.buckets([1, 128, 512], [1, 64, 256], "geometric")
+    assert measurement.pending(document) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for n, bucket in enumerate(cells):
         assert profiles.validate_profile(document) != []  # nulls in `throughput`
         with pytest.raises(ValueError, match="pending"):
-            profiling.finish_document(document, "2025-01-01T00:00:00+00:00")
-        profiling.record_bucket(document, measurement(bucket, capacity=10.0 * (n + 1) - 0.1))
-    assert profiling.pending(document) == []
-    final = profiling.finish_document(document, "2025-01-01T00:00:00+00:00")
+            measurement.finish_document(document, "2025-01-01T00:00:00+00:00")
+        measurement.record_bucket(document, measured(bucket, capacity=10.0 * (n + 1) - 0.1))
+    assert measurement.pending(document) == []
+    final = measurement.finish_document(document, "2025-01-01T00:00:00+00:00")
     assert profiles.validate_profile(final) == []
     # e.g. 9.9 req/s: 1, 2, 4, 8 pass, 16 fails, then 3 bisections: 12 and 10 fail, 9 passes
     assert final["throughput"] == [[9, 18], [28, 36]]
@@ -332,23 +334,23 @@ def test_document_is_a_valid_profile_only_when_complete() -> None:
         "unfinished": 0,
         "passed": True,
     }
-    assert profiling.is_finished(final)
-    assert not profiling.is_finished(document)
+    assert measurement.is_finished(final)
+    assert not measurement.is_finished(document)
 
 
 def test_recording_a_bucket_again_replaces_it() -> None:
-    document = profiling.new_document(META, CONDITIONS)
-    bucket = profiling.buckets([1, 128, 512], [1, 64, 256], "geometric")[0]
-    profiling.record_bucket(document, measurement(bucket, 9.9))
-    profiling.record_bucket(document, measurement(bucket, 19.9))
+    document = measurement.new_document(META, CONDITIONS)
+    bucket = measurement.buckets([1, 128, 512], [1, 64, 256], "geometric")[0]
+    measurement.record_bucket(document, measured(bucket, 9.9))
+    measurement.record_bucket(document, measured(bucket, 19.9))
     assert [b["throughput"] for b in document["measurement"]["buckets"]] == [18]
     assert document["throughput"][0][0] == 18
 
 
 def test_resume_only_under_the_same_conditions() -> None:
-    document = profiling.new_document(META, CONDITIONS)
+    document = measurement.new_document(META, CONDITIONS)
     assert CONDITIONS.mismatches(document) == []
-    other = profiling.Conditions(
+    other = measurement.Conditions(
         **(
             vars(CONDITIONS)
             | {"tpot_seconds": 0.05, "output_edges": (1, 64), "endpoint": "http://gpu-2:8000"}
@@ -363,11 +365,11 @@ def test_resume_only_under_the_same_conditions() -> None:
 
 
 def test_a_resumed_run_may_rename_and_reprice() -> None:
-    document = profiling.new_document(META, CONDITIONS)
-    renamed = profiling.Meta(
+    document = measurement.new_document(META, CONDITIONS)
+    renamed = measurement.Meta(
         profile="llama/l4-spot", gpu="L4-spot", cost_per_hour=0.3, model="llama", tool="melange 0.2"
     )
-    profiling.update_meta(document, renamed)
+    measurement.update_meta(document, renamed)
     assert (document["profile"], document["name"], document["costPerHour"]) == (
         "llama/l4-spot",
         "L4-spot",
@@ -377,7 +379,7 @@ def test_a_resumed_run_may_rename_and_reprice() -> None:
 
 
 def test_partial_header_says_how_to_resume() -> None:
-    document = profiling.new_document(META, CONDITIONS)
-    bucket = profiling.buckets([1, 128, 512], [1, 64, 256], "geometric")[0]
-    profiling.record_bucket(document, measurement(bucket, 10.0))
-    assert profiling.partial_header(document).startswith("# PARTIAL: 1 of 4 buckets measured")
+    document = measurement.new_document(META, CONDITIONS)
+    bucket = measurement.buckets([1, 128, 512], [1, 64, 256], "geometric")[0]
+    measurement.record_bucket(document, measured(bucket, 10.0))
+    assert measurement.partial_header(document).startswith("# PARTIAL: 1 of 4 buckets measured")

@@ -18,10 +18,12 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from melange import api, rates, reconcile
-from melange.conditions import RATE_OBSERVED, Condition
-from melange.promclient import PrometheusClient
-from melange.rates import RateSample
+from melange import api
+from melange.api.conditions import RATE_OBSERVED, Condition
+from melange.controller import decide
+from melange.signals import rates
+from melange.signals.prometheus import PrometheusClient
+from melange.signals.rates import RateSample
 from tests.e2e.prometheus import self_signed_certificate
 
 T = TypeVar("T")
@@ -430,43 +432,43 @@ def _spec(**prometheus: Any) -> api.AllocationSpec:
 
 
 def test_rate_source_needs_exactly_one_of_query_and_model() -> None:
-    assert [str(e) for e in reconcile.operator_errors(_spec())] == [
+    assert [str(e) for e in decide.operator_errors(_spec())] == [
         "spec.rateSource.prometheus: set exactly one of query and modelName"
     ]
     both = _spec(query="up", modelName="m")
-    assert [str(e) for e in reconcile.operator_errors(both)] == [
+    assert [str(e) for e in decide.operator_errors(both)] == [
         "spec.rateSource.prometheus: set exactly one of query and modelName"
     ]
-    assert [str(e) for e in reconcile.operator_errors(_spec(query="up", rangeSeconds=60))] == [
+    assert [str(e) for e in decide.operator_errors(_spec(query="up", rangeSeconds=60))] == [
         "spec.rateSource.prometheus.rangeSeconds: applies to the default query, which needs "
         "modelName"
     ]
-    assert reconcile.operator_errors(_spec(modelName="m", rangeSeconds=60)) == []
+    assert decide.operator_errors(_spec(modelName="m", rangeSeconds=60)) == []
 
 
 def test_rate_query_and_timeout() -> None:
     source = _spec(modelName="m", rangeSeconds=8).rate_source
     assert source is not None
-    assert reconcile.rate_query(source) == rates.default_query("m", 8)
-    assert reconcile.query_timeout(source) == 10
+    assert decide.rate_query(source) == rates.default_query("m", 8)
+    assert decide.query_timeout(source) == 10
     custom = _spec(query="sum(rate(x[1m]))").rate_source
     assert custom is not None
-    assert reconcile.rate_query(custom) == "sum(rate(x[1m]))"
+    assert decide.rate_query(custom) == "sum(rate(x[1m]))"
 
 
 def test_rate_conditions() -> None:
-    failed = reconcile.rate_failed(rates.NoData("the query returned no series"))
+    failed = decide.rate_failed(rates.NoData("the query returned no series"))
     assert (failed.status, failed.reason) == ("False", "NoData")
     assert failed.message == (
         "the query returned no series; the current plan and node pools are kept"
     )
-    ok = reconcile.rate_observed(34.25, "http://prom:9090")
+    ok = decide.rate_observed(34.25, "http://prom:9090")
     assert (ok.status, ok.reason, ok.message) == (
         "True",
         "Observed",
         "34.25 req/s from http://prom:9090",
     )
-    assert reconcile.cleared_rate_status({"observedRate": 3, "solvedRate": 3}) == {
+    assert decide.cleared_rate_status({"observedRate": 3, "solvedRate": 3}) == {
         "observedRate": None
     }
 
@@ -578,8 +580,8 @@ def test_client_verifies_tls_and_trusts_the_given_ca() -> None:
 
 
 def test_rate_state_resumes_from_the_status() -> None:
-    from melange.ratewatch import RateState
-    from melange.reconciler import Reconciled
+    from melange.controller.ratewatch import RateState
+    from melange.controller.reconciler import Reconciled
 
     status = {
         "solvedRate": 68,

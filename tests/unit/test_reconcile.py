@@ -5,8 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from melange import api, conditions, reconcile
-from melange.conditions import Condition
+from melange import api
+from melange.api import conditions
+from melange.api.conditions import Condition
+from melange.controller import decide
 from melange.plan import solver
 from melange.plan.result import GpuResult, Plan
 
@@ -88,20 +90,20 @@ def _plan(**replicas: int) -> Plan:
 
 def test_desired_replicas_respect_bounds() -> None:
     bounded = spec(minReplicas=3, maxReplicas=5)
-    assert reconcile.desired_replicas(bounded, _plan(L4=2, A100=9)) == {"L4": 2, "A100": 5}
-    assert reconcile.desired_replicas(bounded, _plan(L4=0, A100=1)) == {"L4": 0, "A100": 3}
-    assert reconcile.desired_replicas(bounded, _plan(L4=4)) == {"L4": 4, "A100": 3}
+    assert decide.desired_replicas(bounded, _plan(L4=2, A100=9)) == {"L4": 2, "A100": 5}
+    assert decide.desired_replicas(bounded, _plan(L4=0, A100=1)) == {"L4": 0, "A100": 3}
+    assert decide.desired_replicas(bounded, _plan(L4=4)) == {"L4": 4, "A100": 3}
 
 
 def test_missing_scale_target_is_an_operator_error() -> None:
     allocation = spec(scaleTargetRef=None)
-    errors = reconcile.operator_errors(allocation)
+    errors = decide.operator_errors(allocation)
     assert [str(e) for e in errors] == ["spec.gpus[1].scaleTargetRef: is required"]
 
 
 def test_plan_status_fields() -> None:
     plan = solver.solve_spec(spec())
-    status = reconcile.plan_status(plan, T0)
+    status = decide.plan_status(plan, T0)
     assert status["planStatus"] == "Optimal"
     assert status["totalReplicas"] == 1  # one A100 (3.70/h) beats five L4s (4.00/h)
     assert status["solvedRate"] == 31
@@ -112,31 +114,31 @@ def test_plan_status_fields() -> None:
 def test_plan_conditions_summarise_outcomes() -> None:
     plan = solver.solve_spec(spec())
     ok = [
-        reconcile.ScaleOutcome("L4", "Deployment/l4", 2, previous=0, patched=True),
-        reconcile.ScaleOutcome("A100", "Deployment/a100", 1, previous=1),
+        decide.ScaleOutcome("L4", "Deployment/l4", 2, previous=0, patched=True),
+        decide.ScaleOutcome("A100", "Deployment/a100", 1, previous=1),
     ]
-    ready, solved, scaled = reconcile.plan_conditions(plan, ok, dry_run=False)
+    ready, solved, scaled = decide.plan_conditions(plan, ok, dry_run=False)
     assert (ready.status, ready.reason) == ("True", "Reconciled")
     assert ready.message == "node pools match the plan: L4=2, A100=1"
     assert (solved.status, solved.reason) == ("True", "Optimal")
     assert scaled.status == "True"
 
-    failed = [ok[0], reconcile.ScaleOutcome("A100", "Deployment/a100", 1, error="not found")]
-    ready, _, scaled = reconcile.plan_conditions(plan, failed, dry_run=False)
+    failed = [ok[0], decide.ScaleOutcome("A100", "Deployment/a100", 1, error="not found")]
+    ready, _, scaled = decide.plan_conditions(plan, failed, dry_run=False)
     assert (ready.status, ready.reason) == ("False", "ScaleFailed")
     assert scaled.message == "Deployment/a100 (A100): not found"
 
-    ready, _, scaled = reconcile.plan_conditions(plan, [], dry_run=True)
+    ready, _, scaled = decide.plan_conditions(plan, [], dry_run=True)
     assert (ready.status, ready.reason, scaled.status) == ("True", "DryRun", "False")
 
 
 def test_invalid_and_infeasible_conditions() -> None:
     errors = [api.FieldError("spec.x", "must be 1"), api.FieldError("spec.y", "is required")]
-    ready = reconcile.invalid_conditions(errors)[0]
+    ready = decide.invalid_conditions(errors)[0]
     assert (ready.status, ready.reason) == ("False", "InvalidSpec")
     assert ready.message == "spec.x: must be 1; spec.y: is required"
     plan = Plan(status="Infeasible", reason="no GPU type can serve input 1-100")
-    ready, solved, scaled = reconcile.infeasible_conditions(plan)
+    ready, solved, scaled = decide.infeasible_conditions(plan)
     assert (ready.status, ready.reason) == ("False", "Infeasible")
     assert ready.message == solved.message == "no GPU type can serve input 1-100"
     assert scaled.status == "Unknown"

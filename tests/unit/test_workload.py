@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from melange import api, workload
+from melange import api
+from melange.tools import workload
 
 MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
 

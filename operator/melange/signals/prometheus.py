@@ -2,7 +2,7 @@
 
 One pooled session for the whole operator. Each query has a total timeout, an optional bearer token
 and an optional CA bundle; TLS is always verified (with the system's CAs unless a CA is given).
-Every failure comes back as a `melange.rates.RateError` whose message names what went wrong.
+Every failure comes back as a `melange.signals.rates.RateError` whose message names what went wrong.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from melange.distribution import Histogram, parse_histogram_response
-from melange.distribution import queries as distribution_queries
-from melange.rates import InvalidResponse, PrometheusUnavailable, parse_query_response
+from melange.signals.distribution import Histogram, parse_histogram_response
+from melange.signals.distribution import queries as distribution_queries
+from melange.signals.rates import InvalidResponse, PrometheusUnavailable, parse_query_response
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 USER_AGENT = "melange-operator"

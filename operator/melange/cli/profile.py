@@ -1,7 +1,7 @@
 """`melange profile`: measure a GPU profile on a running OpenAI-compatible (vLLM-style) server.
 
-The measurement is in `melange.profiling` (what to send, how to judge it, the output document) and
-`melange.endpoint` (the HTTP client and the load generator); this module is the command: options,
+The measurement is in `melange.tools.measurement` (what to send, how to judge it, the output document) and
+`melange.tools.endpoint` (the HTTP client and the load generator); this module is the command: options,
 the output file (which is also the resume state), progress and exit codes.
 """
 
@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
-from melange import profiles, profiling
-from melange.cliutil import EXIT_INVALID, dump, fail, parse_edges
-from melange.version import installed_version
+from melange.cli.util import EXIT_INVALID, dump, fail, parse_edges
+from melange.cli.version import installed_version
+from melange.tools import measurement, profiles
 
 if TYPE_CHECKING:
-    from melange import endpoint
+    from melange.tools import endpoint
 
 EXIT_PARTIAL = 3  # stopped with buckets left (--max-duration): run the same command to resume
 HEADER = (
@@ -45,23 +45,21 @@ def _write(path: Path, text: str) -> None:
 
 
 def _save_partial(path: Path, document: dict[str, Any]) -> None:
-    _write(path, profiling.partial_header(document) + dump(document))
+    _write(path, measurement.partial_header(document) + dump(document))
 
 
 def _load_state(
-    path: Path, conditions: profiling.Conditions, meta: profiling.Meta, restart: bool
+    path: Path, conditions: measurement.Conditions, meta: measurement.Meta, restart: bool
 ) -> dict[str, Any]:
     """The document to continue: the saved one when it matches, else a new one."""
     if restart or not path.exists():
-        return profiling.new_document(meta, conditions)
+        return measurement.new_document(meta, conditions)
     try:
         saved = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         fail([f"{path}: cannot read it to resume: {exc}; pass --restart to overwrite it"], 2)
-    measurement = saved.get("measurement") if isinstance(saved, dict) else None
-    if not isinstance(measurement, dict) or not str(measurement.get("tool", "")).startswith(
-        "melange"
-    ):
+    recorded = saved.get("measurement") if isinstance(saved, dict) else None
+    if not isinstance(recorded, dict) or not str(recorded.get("tool", "")).startswith("melange"):
         fail(
             [
                 f"{path} exists and was not written by `melange profile`; "
@@ -79,13 +77,13 @@ def _load_state(
             ],
             EXIT_INVALID,
         )
-    if profiling.is_finished(saved):
+    if measurement.is_finished(saved):
         return dict(saved)
     try:
-        profiling.pending(saved)
+        measurement.pending(saved)
     except (KeyError, TypeError, ValueError):
         fail([f"{path}: its pending list is not readable; pass --restart"], EXIT_INVALID)
-    profiling.update_meta(saved, meta)
+    measurement.update_meta(saved, meta)
     return dict(saved)
 
 
@@ -93,7 +91,7 @@ def _load_state(
 class _Progress:
     """Buckets done / total on stderr when it is a terminal; one line per bucket either way."""
 
-    step: Callable[[profiling.Bucket, float], None] | None
+    step: Callable[[measurement.Bucket, float], None] | None
     done: Callable[[str], None]
 
 
@@ -116,7 +114,7 @@ def _progress(total: int, done: int) -> Iterator[_Progress]:
     ) as bar:
         task = bar.add_task("buckets", total=total, completed=done)
 
-        def step(bucket: profiling.Bucket, rate: float) -> None:
+        def step(bucket: measurement.Bucket, rate: float) -> None:
             bar.update(task, description=f"{bucket.label} at {rate:.3g} req/s")
 
         def finished(line: str) -> None:
@@ -126,7 +124,7 @@ def _progress(total: int, done: int) -> Iterator[_Progress]:
         yield _Progress(step=step, done=finished)
 
 
-def _summary(result: profiling.BucketMeasurement, percentile: float) -> str:
+def _summary(result: measurement.BucketMeasurement, percentile: float) -> str:
     record = result.as_record()
     tpot = record["tpotSeconds"]
     at = f"p{percentile:g} TPOT {tpot * 1000:.1f} ms" if tpot is not None else result.note or ""
@@ -140,11 +138,11 @@ async def _measure(
     output: Path,
     client: endpoint.Endpoint,
     run: endpoint.BucketRun,
-    todo: list[profiling.Bucket],
+    todo: list[measurement.Bucket],
     percentile: float,
 ) -> str | None:
     """Measure the buckets in `todo`, saving after each; the error that stopped it, if any."""
-    from melange import endpoint
+    from melange.tools import endpoint
 
     async with client:
         try:
@@ -152,7 +150,7 @@ async def _measure(
             await client.negotiate()
         except endpoint.EndpointError as exc:
             fail([str(exc)], EXIT_INVALID)
-        profiling.set_conditions(document, exactOutputLength=client.features.exact_length)
+        measurement.set_conditions(document, exactOutputLength=client.features.exact_length)
         _save_partial(output, document)  # an unwritable --output fails now, not after a bucket
         total = sum(len(row) for row in document["throughput"])
         with _progress(total, total - len(todo)) as progress:
@@ -164,8 +162,8 @@ async def _measure(
                     return None
                 except endpoint.EndpointError as exc:
                     return str(exc)
-                profiling.record_bucket(document, result)
-                profiling.set_conditions(
+                measurement.record_bucket(document, result)
+                measurement.set_conditions(
                     document,
                     promptLength=(
                         "calibrated: filler words adjusted until usage.prompt_tokens matched"
@@ -232,7 +230,7 @@ async def _measure(
 )
 @click.option(
     "--size-point",
-    type=click.Choice(profiling.SIZE_POINTS),
+    type=click.Choice(measurement.SIZE_POINTS),
     default="geometric",
     show_default=True,
     help="Request length that stands for a bucket [low, high): its geometric midpoint (as the "
@@ -240,7 +238,7 @@ async def _measure(
 )
 @click.option(
     "--arrivals",
-    type=click.Choice(profiling.ARRIVALS),
+    type=click.Choice(measurement.ARRIVALS),
     default="uniform",
     show_default=True,
     help="Evenly spaced requests (a steady load), or Poisson arrivals (bursty; a lower rate).",
@@ -273,8 +271,8 @@ def profile_command(
     percentile: float,
     step_seconds: float,
     refine: int,
-    size_point: profiling.SizePoint,
-    arrivals: profiling.Arrivals,
+    size_point: measurement.SizePoint,
+    arrivals: measurement.Arrivals,
     max_duration: float | None,
     api_key: str | None,
     profile_name: str | None,
@@ -294,13 +292,15 @@ def profile_command(
     """
     import asyncio
 
-    from melange import endpoint  # aiohttp: imported by this command only, not by every `melange`
+    from melange.tools import (
+        endpoint,  # aiohttp: imported by this command only, not by every `melange`
+    )
 
     inputs, outputs = (
         parse_edges(input_edges, "--input-edges"),
         parse_edges(output_edges, "--output-edges"),
     )
-    conditions = profiling.Conditions(
+    conditions = measurement.Conditions(
         endpoint=endpoint.base_url(url),
         model=model,
         tpot_seconds=tpot_slo,
@@ -310,7 +310,7 @@ def profile_command(
         size_point=size_point,
         arrivals=arrivals,
     )
-    name = profile_name or profiling.default_profile_name(model, gpu, tpot_slo)
+    name = profile_name or measurement.default_profile_name(model, gpu, tpot_slo)
     if not profiles.PROFILE_NAME.match(name) or len(name) > profiles.MAX_PROFILE_NAME:
         fail(
             [
@@ -319,7 +319,7 @@ def profile_command(
             ],
             EXIT_INVALID,
         )
-    meta = profiling.Meta(
+    meta = measurement.Meta(
         profile=name,
         gpu=gpu,
         cost_per_hour=cost_per_hour,
@@ -328,32 +328,34 @@ def profile_command(
     )
     started = time.monotonic()
     document = _load_state(output, conditions, meta, restart)
-    if profiling.is_finished(document):
+    if measurement.is_finished(document):
         click.echo(f"{output}: every bucket is already measured (pass --restart to measure again)")
         return
     total = sum(len(row) for row in document["throughput"])
-    left = set(profiling.pending(document))
-    todo = [b for b in profiling.buckets(inputs, outputs, size_point) if (b.row, b.column) in left]
+    left = set(measurement.pending(document))
+    todo = [
+        b for b in measurement.buckets(inputs, outputs, size_point) if (b.row, b.column) in left
+    ]
     if len(left) < total:
         click.echo(f"resuming: {total - len(left)} of {total} buckets already measured", err=True)
     else:
-        profiling.set_conditions(
+        measurement.set_conditions(
             document, started=dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         )
-    criteria = profiling.Criteria(tpot_slo=tpot_slo, percentile=percentile)
+    criteria = measurement.Criteria(tpot_slo=tpot_slo, percentile=percentile)
     run = endpoint.BucketRun(
         criteria=criteria,
         step_seconds=step_seconds,
         refine=refine,
         arrivals=arrivals,
-        budget=profiling.Budget(started=started, seconds=max_duration),
+        budget=measurement.Budget(started=started, seconds=max_duration),
     )
     client = endpoint.Endpoint(url=url, model=model, api_key=api_key or None)
     try:
         error = asyncio.run(_measure(document, output, client, run, todo, percentile))
     except KeyboardInterrupt:
         error = "interrupted"
-    left_now = len(profiling.pending(document))
+    left_now = len(measurement.pending(document))
     resume = (
         f"{total - left_now} of {total} buckets measured, saved in {output}; "
         "run the same command again to resume"
@@ -362,7 +364,7 @@ def profile_command(
         fail([error, resume], EXIT_INVALID)
     if left_now:
         fail([f"--max-duration {max_duration or 0:g} s reached: {resume}"], EXIT_PARTIAL)
-    final = profiling.finish_document(
+    final = measurement.finish_document(
         document, dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     )
     _write(output, HEADER + dump(final))

@@ -22,13 +22,16 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from melange import api, conditions, distribution, metrics, rates, reconcile
-from melange.conditions import Condition
-from melange.distribution import Observation
-from melange.promclient import PrometheusClient
-from melange.rates import CredentialsUnavailable, RateError
-from melange.reconciler import EventSpec, Reconciled, condition_event, reconcile_core
-from melange.scaling import MERGE_PATCH, new_api_client
+from melange import api
+from melange.api import conditions
+from melange.api.conditions import Condition
+from melange.controller import decide, metrics
+from melange.controller.kube.scale import MERGE_PATCH, new_api_client
+from melange.controller.reconciler import EventSpec, Reconciled, condition_event, reconcile_core
+from melange.signals import distribution, rates
+from melange.signals.distribution import Observation
+from melange.signals.prometheus import PrometheusClient
+from melange.signals.rates import CredentialsUnavailable, RateError
 
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, "melangeallocations"
 COMPONENT = "melange-operator"
@@ -37,7 +40,7 @@ MAX_CONCURRENT_POLLS = 16
 STOP_GRACE_SECONDS = 10.0
 
 Key = tuple[str, str]  # (namespace, name)
-log = logging.getLogger("melange.rates")
+log = logging.getLogger("melange.signals.rates")
 
 
 class _ObjectLogger(logging.LoggerAdapter[logging.Logger]):
@@ -312,7 +315,7 @@ class RateRuntime:
         except api.SpecError:
             return  # the handlers report it (Ready=False, InvalidSpec)
         source = parsed.rate_source
-        if source is None or reconcile.operator_errors(parsed):
+        if source is None or decide.operator_errors(parsed):
             return
         observation: Observation | RateError | None = None
         try:
@@ -323,10 +326,10 @@ class RateRuntime:
             observed, observation = await asyncio.gather(
                 self.client.query_rate(
                     source.prometheus.url,
-                    reconcile.rate_query(source),
+                    decide.rate_query(source),
                     bearer_token=token,
                     ca_pem=ca,
-                    timeout=reconcile.query_timeout(source),
+                    timeout=decide.query_timeout(source),
                 ),
                 self._observe_distribution(parsed, token, ca),
             )
@@ -352,7 +355,7 @@ class RateRuntime:
     ) -> Observation | RateError | None:
         """The fitted distribution, the reason there is none, or None when it is not followed."""
         model, source, follow = (
-            reconcile.distribution_model(spec),
+            decide.distribution_model(spec),
             spec.rate_source,
             spec.workload.from_prometheus,
         )
@@ -365,7 +368,7 @@ class RateRuntime:
                 follow.window_seconds,
                 bearer_token=token,
                 ca_pem=ca,
-                timeout=reconcile.query_timeout(source),
+                timeout=decide.query_timeout(source),
             )
             return distribution.observe(
                 spec.workload.distribution,
@@ -382,7 +385,7 @@ class RateRuntime:
         self, key: Key, body: Mapping[str, Any], state: RateState, error: RateError, now: datetime
     ) -> None:
         """Keep the plan and the node pools; say why, once (no write while nothing changes)."""
-        condition = reconcile.rate_failed(error)
+        condition = decide.rate_failed(error)
         events = []
         if _transitioned(state.condition, condition):
             log.warning("[%s/%s] No usable rate (%s): %s", *key, error.reason, error.message)
@@ -421,12 +424,12 @@ class RateRuntime:
             now=now,
             first_observation=not state.observed_before,
         )
-        condition = reconcile.rate_observed(observed, source.prometheus.url)
+        condition = decide.rate_observed(observed, source.prometheus.url)
         events = []
         if _transitioned(state.condition, condition):
             log.info("[%s/%s] Rate observed: %s", *key, condition.message)
             events.append(condition_event(condition))
-        status = reconcile.observation_status(observed, now, decision.history)
+        status = decide.observation_status(observed, now, decision.history)
         state.history = list(decision.history)
         state.observed_before = True
         state.condition = condition
@@ -488,14 +491,14 @@ class RateRuntime:
             return None
         moved = None
         if isinstance(observation, RateError):
-            condition = reconcile.distribution_failed(observation)
+            condition = decide.distribution_failed(observation)
         else:
             solved = (
                 distribution.fitting(state.solved_distribution, spec.buckets)
                 or spec.workload.distribution
             )
             moved = distribution.drift(solved, observation.matrix, follow.drift_tolerance)
-            condition = reconcile.distribution_observed(
+            condition = decide.distribution_observed(
                 observation.summary(follow.window_seconds), moved.distance
             )
             metrics.record_distribution_distance(*key, moved.distance)

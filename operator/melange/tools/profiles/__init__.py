@@ -3,7 +3,7 @@
 Each profile is a `spec.gpus[]` entry of a `MelangeAllocation` (`name`, `costPerHour`,
 `throughput`) plus metadata saying what it is for (`model`, `tpotSeconds`, `buckets`) and where it
 comes from. The shipped ones are estimates (`source: estimate`, `estimate:` with every model input);
-they live in `data/` as package data and are produced by `melange.profiles.build`.
+they live in `data/` as package data and are produced by `melange.tools.profiles.build`.
 
 Measured profiles (`source: measured`, optionally `measurement:` saying how) are imported into a
 user profile directory: `$MELANGE_PROFILES_DIR`, else `$XDG_DATA_HOME/melange/profiles` (by default
@@ -253,7 +253,7 @@ def import_profile(source: str, text: str, directory: Path, *, force: bool = Fal
     Returns the file written. Raises `ProfileError` listing every problem, or when a different
     user profile of that name exists and `force` is not set.
     """
-    from melange.profiles.build import file_name
+    from melange.tools.profiles.build import file_name
 
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]

@@ -20,12 +20,13 @@ from typing import Any
 import click
 import yaml
 
-from melange import api, perfmodel, profiles, workload
-from melange.cli_profile import profile_command
-from melange.cliutil import EXIT_INFEASIBLE, EXIT_INVALID, EXIT_UNSOLVED, dump, fail, parse_edges
+from melange import api
+from melange.cli.profile import profile_command
+from melange.cli.util import EXIT_INFEASIBLE, EXIT_INVALID, EXIT_UNSOLVED, dump, fail, parse_edges
 from melange.plan import report
 from melange.plan import result as plan_result
-from melange.profiles import build as profile_build
+from melange.tools import perfmodel, profiles, workload
+from melange.tools.profiles import build as profile_build
 
 
 def _read_input(path: str) -> api.Allocation:
@@ -236,7 +237,7 @@ def profiles_estimate(
     cost_per_hour: float | None,
     output: str,
 ) -> None:
-    """Estimate a profile with the first-order performance model (melange.perfmodel).
+    """Estimate a profile with the first-order performance model (melange.tools.perfmodel).
 
     Prefill is bound by the GPU's FLOP/s, decode by its memory bandwidth, and the batch by the
     memory left for the KV cache after the weights and by the SLO; each bucket is represented by the
@@ -525,9 +526,9 @@ def _workload_from_prometheus(
 ) -> None:
     import asyncio
 
-    from melange import distribution
-    from melange.promclient import PrometheusClient
-    from melange.rates import RateError
+    from melange.signals import distribution
+    from melange.signals.prometheus import PrometheusClient
+    from melange.signals.rates import RateError
 
     if model is None:
         fail(["--from-prometheus needs --model (vLLM's model_name label)"], EXIT_INVALID)
@@ -623,7 +624,8 @@ def run(
 
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig
-    from melange import handlers, metrics  # noqa: F401  (importing handlers registers them)
+    from melange.controller import metrics
+    from melange.controller.kube import handlers  # noqa: F401  (importing registers them)
 
     if metrics_port:
         try:

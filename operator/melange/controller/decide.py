@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from melange import rates
 from melange.api import AllocationSpec, FieldError, GpuType, RateSource
-from melange.conditions import (
+from melange.api.conditions import (
     DISTRIBUTION_OBSERVED,
     RATE_OBSERVED,
     READY,
@@ -24,7 +23,8 @@ from melange.conditions import (
 )
 from melange.plan import report
 from melange.plan.result import Plan
-from melange.rates import RateError
+from melange.signals import rates
+from melange.signals.rates import RateError
 
 MAX_QUERY_SECONDS = 10
 RATE_STATUS_FIELDS = ("observedRate", "lastObservationTime", "rateHistory")

@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from melange import api, conditions, metrics, reconcile
-from melange import distribution as distribution_module
-from melange.conditions import Condition
+from melange import api
+from melange.api import conditions
+from melange.api.conditions import Condition
+from melange.controller import decide, metrics
+from melange.controller.kube.scale import ScaleError, Scaler
 from melange.plan import solver
-from melange.scaling import ScaleError, Scaler
+from melange.signals import distribution as distribution_module
 
 # -- the shared reconcile -------------------------------------------------------------------------
 
@@ -36,7 +38,7 @@ class Reconciled:
 
     status: dict[str, Any] = field(default_factory=dict)
     events: list[EventSpec] = field(default_factory=list)
-    failed: list[reconcile.ScaleOutcome] = field(default_factory=list)
+    failed: list[decide.ScaleOutcome] = field(default_factory=list)
     solved_rate: float | None = None  # the rate a plan (feasible or not) was solved for
 
 
@@ -72,24 +74,24 @@ def _set_conditions(
 
 async def _scale(
     scaler: Scaler, namespace: str, spec: api.AllocationSpec, desired: Mapping[str, int]
-) -> list[reconcile.ScaleOutcome]:
+) -> list[decide.ScaleOutcome]:
     """Bring each node pool to its target; one failing pool does not stop the others."""
     outcomes = []
     for gpu in spec.gpus:
-        target = reconcile.target_name(gpu)
+        target = decide.target_name(gpu)
         ref = gpu.scale_target_ref
-        assert ref is not None  # checked by reconcile.operator_errors
+        assert ref is not None  # checked by decide.operator_errors
         try:
             change = await asyncio.to_thread(
                 scaler.ensure_replicas, namespace, ref, gpu.replicas_path, desired[gpu.name]
             )
         except ScaleError as exc:
             outcomes.append(
-                reconcile.ScaleOutcome(gpu.name, target, desired[gpu.name], error=str(exc))
+                decide.ScaleOutcome(gpu.name, target, desired[gpu.name], error=str(exc))
             )
             continue
         outcomes.append(
-            reconcile.ScaleOutcome(
+            decide.ScaleOutcome(
                 gpu.name, target, change.current, previous=change.previous, patched=change.patched
             )
         )
@@ -121,13 +123,13 @@ async def reconcile_core(
     result = Reconciled()
     try:
         parsed = api.validate_spec(dict(raw_spec))
-        missing = reconcile.operator_errors(parsed)
+        missing = decide.operator_errors(parsed)
         if missing:
             raise api.SpecError(missing)
     except api.SpecError as exc:
         logger.warning("Invalid spec, node pools left as they are: %s", exc)
         metrics.record_error(namespace, name, "InvalidSpec")
-        updates = reconcile.invalid_conditions(exc.errors)
+        updates = decide.invalid_conditions(exc.errors)
         workload = raw_spec.get("workload")
         dropped = [] if "rateSource" in raw_spec else [conditions.RATE_OBSERVED]
         if not (isinstance(workload, Mapping) and "fromPrometheus" in workload):
@@ -136,11 +138,11 @@ async def reconcile_core(
         return result
 
     with_rate = parsed.rate_source is not None
-    follows = reconcile.distribution_model(parsed) is not None
+    follows = decide.distribution_model(parsed) is not None
     extra = [rate_condition] if with_rate and rate_condition is not None else []
     dropped = [] if with_rate else [conditions.RATE_OBSERVED]
     if not with_rate:
-        result.status.update(reconcile.cleared_rate_status(status))
+        result.status.update(decide.cleared_rate_status(status))
     if follows and distribution_condition is not None:
         extra.append(distribution_condition)
     if not follows:
@@ -161,11 +163,11 @@ async def reconcile_core(
         logger.warning("No feasible plan, node pools left as they are: %s", plan.reason)
         metrics.record_error(namespace, name, plan.status)
         result.status["planStatus"] = plan.status
-        updates = reconcile.infeasible_conditions(plan)
+        updates = decide.infeasible_conditions(plan)
         _set_conditions(result, status, [*updates, *extra], generation, now, dropped)
         return result
 
-    desired = reconcile.desired_replicas(parsed, plan)
+    desired = decide.desired_replicas(parsed, plan)
     outcomes = [] if parsed.dry_run else await _scale(scaler, namespace, parsed, desired)
     for outcome in outcomes:
         if outcome.patched or outcome.error:
@@ -174,8 +176,8 @@ async def reconcile_core(
             message = f"{outcome.target} ({outcome.gpu}): {outcome.previous} -> {outcome.desired}"
             logger.info("Scaled %s", message)
             result.events.append(EventSpec("Normal", "Scaled", message))
-    result.status.update(reconcile.plan_status(plan, now))
-    updates = reconcile.plan_conditions(plan, outcomes, parsed.dry_run)
+    result.status.update(decide.plan_status(plan, now))
+    updates = decide.plan_conditions(plan, outcomes, parsed.dry_run)
     _set_conditions(result, status, [*updates, *extra], generation, now, dropped)
     result.failed = [o for o in outcomes if o.error]
     if result.failed:

@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from melange import ipf
 from melange.api import Buckets, bucket_label
-from melange.rates import (
+from melange.signals import ipf
+from melange.signals.rates import (
     InvalidResponse,
     InvalidValue,
     NoData,

@@ -20,10 +20,10 @@ from typing import Any
 
 import kopf
 
-from melange import metrics
-from melange.ratewatch import COMPONENT, GROUP, PLURAL, VERSION, Key, RateRuntime
-from melange.reconciler import reconcile_core
-from melange.scaling import Scaler, new_api_client
+from melange.controller import metrics
+from melange.controller.kube.scale import Scaler, new_api_client
+from melange.controller.ratewatch import COMPONENT, GROUP, PLURAL, VERSION, Key, RateRuntime
+from melange.controller.reconciler import reconcile_core
 
 SCALE_RETRY_SECONDS = 15.0
 

@@ -1,4 +1,4 @@
-"""Measuring a GPU profile: the pure part of `melange profile` (no I/O; `melange.endpoint` does it).
+"""Measuring a GPU profile: the pure part of `melange profile` (no I/O; `melange.tools.endpoint` does it).
 
 For each (input-length bucket, output-length bucket) the profile holds the highest request rate at
 which the server keeps the chosen percentile of the time per output token (TPOT) within the SLO.
@@ -6,7 +6,7 @@ This module decides what to send and how to judge it; the HTTP client and the lo
 it:
 
 - **Sizing**: a bucket `[low, high)` is measured with requests of one representative length
-  (`request_size`), by the same rules as the estimates (`melange.perfmodel.representative_size`:
+  (`request_size`), by the same rules as the estimates (`melange.tools.perfmodel.representative_size`:
   the geometric midpoint by default, or the arithmetic one, or `high - 1`, the conservative worst
   case), rounded to whole tokens inside the bucket.
 - **A step** offers open-loop load at one rate for a warm-up, then a measurement window
@@ -30,8 +30,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from melange import profiles
-from melange.perfmodel import RepresentativeRule, representative_size
+from melange.tools import profiles
+from melange.tools.perfmodel import RepresentativeRule, representative_size
 
 SizePoint = Literal["geometric", "arithmetic", "upper"]
 SIZE_POINTS: tuple[str, ...] = get_args(SizePoint)
@@ -333,7 +333,7 @@ async def run_search(
     stop: Callable[[float], bool] | None = None,
 ) -> bool:
     """Drive `search` with `measure(rate)` (a step of load); False when `stop(rate)` cut it short
-    before that step (`melange.endpoint` stops before a step that would not fit the budget)."""
+    before that step (`melange.tools.endpoint` stops before a step that would not fit the budget)."""
     while (rate := search.next_rate()) is not None:
         if stop is not None and stop(rate):
             return False

@@ -329,7 +329,7 @@ def describe_inputs(
     Same arguments as `estimate_throughput`; re-running it with these values reproduces the matrix.
     """
     return {
-        "method": "melange.perfmodel roofline estimate (continuous batching, chunked prefill)",
+        "method": "melange.tools.perfmodel roofline estimate (continuous batching, chunked prefill)",
         "schemaVersion": ESTIMATE_SCHEMA_VERSION,
         "gpu": _camel_keys(asdict(gpu)),
         "model": _camel_keys(asdict(model)),

@@ -3,7 +3,7 @@
 `Endpoint` talks to a vLLM-style server (`GET /v1/models`, `POST /v1/completions` with
 `stream: true`, server-sent events) and times every streamed token. `measure_bucket` runs one
 bucket of the measurement: it calibrates the prompt length against the server's own token count,
-times one unloaded request, then runs the rate search of `melange.profiling` with open-loop load
+times one unloaded request, then runs the rate search of `melange.tools.measurement` with open-loop load
 (requests are sent on schedule whether or not earlier ones have finished, as real users do).
 
 Failures before any measurement (cannot connect, TLS, HTTP errors, unknown model) raise
@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from melange import profiling
+from melange.tools import measurement
 
 USER_AGENT = "melange-profile"
 MAX_IN_FLIGHT = 4096  # beyond this the client, not the server, would be the bottleneck
@@ -208,7 +208,7 @@ class Endpoint:
         listing = f"; it serves: {', '.join(served) or '(none)'}" if served is not None else ""
         return f"{self.completions_url}: {error}{listing}"
 
-    async def _probe(self, prompt: str, max_tokens: int) -> tuple[int, profiling.RequestResult]:
+    async def _probe(self, prompt: str, max_tokens: int) -> tuple[int, measurement.RequestResult]:
         status: list[int] = []
         result = await self.complete(prompt, max_tokens, time.perf_counter(), status=status)
         return (status[0] if status else 0), result
@@ -219,7 +219,7 @@ class Endpoint:
         """A distinct prompt: a fresh fixed-width number (so that no two requests share a prefix
         the server could cache), then `filler_words` repeats of a common word."""
         self._nonce = (self._nonce + 7919) % 10**NONCE_DIGITS
-        return f"{self._nonce:0{NONCE_DIGITS}d}" + f" {profiling.FILLER_WORD}" * filler_words
+        return f"{self._nonce:0{NONCE_DIGITS}d}" + f" {measurement.FILLER_WORD}" * filler_words
 
     def body(self, prompt: str, max_tokens: int) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -237,7 +237,7 @@ class Endpoint:
 
     async def complete(
         self, prompt: str, max_tokens: int, origin: float, status: list[int] | None = None
-    ) -> profiling.RequestResult:
+    ) -> measurement.RequestResult:
         """One streamed completion, timed from `origin` (a perf_counter reading).
 
         Never raises for the server's or the network's failures: they are the result's `error`.
@@ -258,7 +258,7 @@ class Endpoint:
                     status.append(response.status)
                 if response.status >= 400:
                     body = await response.content.read(MAX_ERROR_BODY)
-                    return profiling.RequestResult(
+                    return measurement.RequestResult(
                         sent=sent - origin,
                         error=f"HTTP {response.status}: {_error_text(body)}",
                     )
@@ -273,7 +273,7 @@ class Endpoint:
                     if not isinstance(chunk, dict):
                         continue
                     if chunk.get("error"):
-                        return profiling.RequestResult(
+                        return measurement.RequestResult(
                             sent=sent - origin,
                             error=f"error in the stream: {_error_text(data)}",
                         )
@@ -285,41 +285,41 @@ class Endpoint:
                     if isinstance(chunk.get("usage"), dict):
                         usage = chunk["usage"]
         except (aiohttp.ClientError, TimeoutError, ssl.SSLError, ValueError) as exc:
-            return profiling.RequestResult(
+            return measurement.RequestResult(
                 sent=sent - origin, error=str(_connection_error(self.completions_url, exc))
             )
         finished = time.perf_counter()
         if chunks == 0:
-            return profiling.RequestResult(
+            return measurement.RequestResult(
                 sent=sent - origin, error="the stream ended without a token"
             )
         reported = usage.get("completion_tokens") if usage else None
         tokens = reported if isinstance(reported, int) and reported > 0 else chunks
         prompt_tokens = usage.get("prompt_tokens") if usage else None
-        return profiling.RequestResult(
+        return measurement.RequestResult(
             sent=sent - origin,
             finished=finished - origin,
             ttft=first - sent,
-            tpot=profiling.request_tpot(first, last, tokens),
+            tpot=measurement.request_tpot(first, last, tokens),
             tokens=tokens,
             prompt_tokens=prompt_tokens if isinstance(prompt_tokens, int) else None,
         )
 
     async def run_step(
         self,
-        plan: profiling.StepPlan,
+        plan: measurement.StepPlan,
         filler_words: int,
         max_tokens: int,
-        arrivals: profiling.Arrivals,
+        arrivals: measurement.Arrivals,
         rng: random.Random,
-    ) -> list[profiling.RequestResult]:
+    ) -> list[measurement.RequestResult]:
         """Open-loop load at `plan.rate`: the warm-up, the window, then load goes on until every
         request sent in the window has finished or the drain time is up; the rest is cancelled."""
         origin = time.perf_counter()
         end, deadline = plan.warmup + plan.window, plan.warmup + plan.window + plan.drain
-        running: dict[asyncio.Task[profiling.RequestResult], float] = {}
-        in_window: set[asyncio.Task[profiling.RequestResult]] = set()
-        results: list[profiling.RequestResult] = []
+        running: dict[asyncio.Task[measurement.RequestResult], float] = {}
+        in_window: set[asyncio.Task[measurement.RequestResult]] = set()
+        results: list[measurement.RequestResult] = []
         at = 0.0
         index = 0
         try:
@@ -339,7 +339,7 @@ class Endpoint:
                     results.append(task.result())
                 if len(running) >= MAX_IN_FLIGHT:
                     results.append(
-                        profiling.RequestResult(
+                        measurement.RequestResult(
                             sent=at, error=f"more than {MAX_IN_FLIGHT} requests in flight"
                         )
                     )
@@ -358,7 +358,7 @@ class Endpoint:
             await asyncio.gather(*running, return_exceptions=True)
         for task, sent in running.items():
             if task.cancelled():
-                results.append(profiling.RequestResult(sent=sent))
+                results.append(measurement.RequestResult(sent=sent))
             else:
                 results.append(task.result())
         return results
@@ -380,7 +380,7 @@ async def calibrate(endpoint: Endpoint, target: int) -> Calibration:
     word); the closest is kept. Without usage in the stream, the approximation: the number counts
     as one token and each filler word as one.
     """
-    words = profiling.filler_words(target, overhead=1)
+    words = measurement.filler_words(target, overhead=1)
     if not endpoint.features.usage:
         return Calibration(words, None)
     best: Calibration | None = None
@@ -390,12 +390,12 @@ async def calibrate(endpoint: Endpoint, target: int) -> Calibration:
             raise EndpointError(f"{endpoint.completions_url}: {result.error}")
         if result.prompt_tokens is None:
             endpoint.features.usage = False
-            return Calibration(profiling.filler_words(target, overhead=1), None)
+            return Calibration(measurement.filler_words(target, overhead=1), None)
         if best is None or abs(result.prompt_tokens - target) < abs(
             (best.prompt_tokens or 0) - target
         ):
             best = Calibration(words, result.prompt_tokens)
-        following = profiling.next_filler_words(words, result.prompt_tokens, target)
+        following = measurement.next_filler_words(words, result.prompt_tokens, target)
         if following == words:
             break
         words = following
@@ -407,13 +407,13 @@ async def calibrate(endpoint: Endpoint, target: int) -> Calibration:
 class BucketRun:
     """The options of a run that every bucket shares."""
 
-    criteria: profiling.Criteria
+    criteria: measurement.Criteria
     step_seconds: float
     refine: int
-    arrivals: profiling.Arrivals
-    budget: profiling.Budget
+    arrivals: measurement.Arrivals
+    budget: measurement.Budget
     seed: int = 0
-    on_step: Callable[[profiling.Bucket, float], None] | None = None
+    on_step: Callable[[measurement.Bucket, float], None] | None = None
     clock: Callable[[], float] = time.monotonic
     calibrations: dict[int, Calibration] = field(default_factory=dict)
 
@@ -423,8 +423,8 @@ class OutOfTime(Exception):
 
 
 async def measure_bucket(
-    endpoint: Endpoint, bucket: profiling.Bucket, run: BucketRun
-) -> profiling.BucketMeasurement:
+    endpoint: Endpoint, bucket: measurement.Bucket, run: BucketRun
+) -> measurement.BucketMeasurement:
     """Calibrate, time one unloaded request, then search for the highest passing rate.
 
     Raises OutOfTime before a step that would not fit the budget, and EndpointError when requests
@@ -445,8 +445,8 @@ async def measure_bucket(
             f"asked for {bucket.output_tokens} tokens, got {unloaded.tokens}"
         )
 
-    def result(search: profiling.RateSearch, note: str | None) -> profiling.BucketMeasurement:
-        return profiling.BucketMeasurement(
+    def result(search: measurement.RateSearch, note: str | None) -> measurement.BucketMeasurement:
+        return measurement.BucketMeasurement(
             bucket=bucket,
             throughput=search.throughput,
             prompt_tokens=calibration.prompt_tokens,
@@ -459,7 +459,7 @@ async def measure_bucket(
         )
 
     latency = unloaded.ttft + unloaded.tpot * max(bucket.output_tokens - 1, 0)
-    search = profiling.RateSearch(
+    search = measurement.RateSearch(
         start=1 / max(latency, 1e-3), criteria=run.criteria, refine=run.refine
     )
     if unloaded.tpot > run.criteria.tpot_slo:
@@ -470,28 +470,28 @@ async def measure_bucket(
     request_seconds = unloaded.ttft + bucket.output_tokens * run.criteria.tpot_slo
     rng = random.Random(run.seed)
 
-    def plan(rate: float) -> profiling.StepPlan:
-        return profiling.plan_step(rate, run.step_seconds, request_seconds)
+    def plan(rate: float) -> measurement.StepPlan:
+        return measurement.plan_step(rate, run.step_seconds, request_seconds)
 
     def out_of_time(rate: float) -> bool:
         return not run.budget.fits(run.clock(), plan(rate).seconds)
 
-    async def measure(rate: float) -> profiling.StepResult:
+    async def measure(rate: float) -> measurement.StepResult:
         if run.on_step is not None:
             run.on_step(bucket, rate)
         step_plan = plan(rate)
         results = await endpoint.run_step(
             step_plan, calibration.filler_words, bucket.output_tokens, run.arrivals, rng
         )
-        step = profiling.summarise(results, step_plan, run.criteria.percentile)
-        if profiling.mostly_failed(step):
+        step = measurement.summarise(results, step_plan, run.criteria.percentile)
+        if measurement.mostly_failed(step):
             raise EndpointError(
                 f"{endpoint.completions_url}: {step.errors} of {step.sent} requests failed at "
                 f"{rate:.3g} req/s in {bucket.label}: {step.error}"
             )
         return step
 
-    if not await profiling.run_search(search, measure, stop=out_of_time):
+    if not await measurement.run_search(search, measure, stop=out_of_time):
         raise OutOfTime()
     note = None
     if search.unbounded:

@@ -1,6 +1,6 @@
 """The live request rate: the default PromQL query, reading Prometheus' answer, the drift decision.
 
-Pure functions, no I/O (`melange.promclient` does the HTTP, the handlers the Kubernetes side), so
+Pure functions, no I/O (`melange.signals.prometheus` does the HTTP, the handlers the Kubernetes side), so
 every rule is unit-tested with `now` passed in:
 
 - `default_query`: vLLM's request rate for one model, under either spelling of its metric names;

@@ -1,0 +1,1 @@
+"""The controller: Kopf handlers, per-allocation state, pure decisions, the one Kubernetes client."""

@@ -1,0 +1,1 @@
+"""Signals: PromQL, the observed rate and distribution (pure decisions), IPF, the Prometheus client."""
