@@ -188,22 +188,21 @@ def spec_with(**changes: Any) -> api.AllocationSpec:
 
 
 def test_following_needs_a_rate_source_and_a_model() -> None:
-    no_source = spec_with(workload__fromPrometheus={})
-    assert next(str(e) for e in decide.rate_source_errors(no_source)).startswith(
+    with pytest.raises(api.SpecError) as no_source:
+        spec_with(workload__fromPrometheus={})
+    assert str(no_source.value.errors[0]).startswith(
         "spec.workload.fromPrometheus: needs spec.rateSource"
     )
-    no_model = spec_with(
-        workload__fromPrometheus={},
-        rateSource={"prometheus": {"url": "http://p:9090", "query": "sum(x)"}},
-    )
-    assert [e.path for e in decide.rate_source_errors(no_model)] == [
-        "spec.workload.fromPrometheus.modelName"
-    ]
+    with pytest.raises(api.SpecError) as no_model:
+        spec_with(
+            workload__fromPrometheus={},
+            rateSource={"prometheus": {"url": "http://p:9090", "query": "sum(x)"}},
+        )
+    assert [e.path for e in no_model.value.errors] == ["spec.workload.fromPrometheus.modelName"]
     own_model = spec_with(
         workload__fromPrometheus={"modelName": "m"},
         rateSource={"prometheus": {"url": "http://p:9090", "query": "sum(x)"}},
     )
-    assert decide.rate_source_errors(own_model) == []
     assert decide.distribution_model(own_model) == "m"
     inherited = spec_with(
         workload__fromPrometheus={},
@@ -222,4 +221,6 @@ def test_from_prometheus_fields_are_checked() -> None:
         "spec.workload.fromPrometheus.windowSeconds: must be >= 10, got 5",
         "spec.workload.fromPrometheus.driftTolerance: must be > 0, got 0",
         "spec.workload.fromPrometheus.x: is not a known field",
+        "spec.workload.fromPrometheus: needs spec.rateSource (its Prometheus, credentials and "
+        "interval are used)",
     ]

@@ -432,18 +432,20 @@ def _spec(**prometheus: Any) -> api.AllocationSpec:
 
 
 def test_rate_source_needs_exactly_one_of_query_and_model() -> None:
-    assert [str(e) for e in decide.operator_errors(_spec())] == [
+    def errors(**prometheus: Any) -> list[str]:
+        with pytest.raises(api.SpecError) as caught:
+            _spec(**prometheus)
+        return [str(e) for e in caught.value.errors]
+
+    assert errors() == ["spec.rateSource.prometheus: set exactly one of query and modelName"]
+    assert errors(query="up", modelName="m") == [
         "spec.rateSource.prometheus: set exactly one of query and modelName"
     ]
-    both = _spec(query="up", modelName="m")
-    assert [str(e) for e in decide.operator_errors(both)] == [
-        "spec.rateSource.prometheus: set exactly one of query and modelName"
-    ]
-    assert [str(e) for e in decide.operator_errors(_spec(query="up", rangeSeconds=60))] == [
+    assert errors(query="up", rangeSeconds=60) == [
         "spec.rateSource.prometheus.rangeSeconds: applies to the default query, which needs "
         "modelName"
     ]
-    assert decide.operator_errors(_spec(modelName="m", rangeSeconds=60)) == []
+    assert api.resource_errors(_spec(modelName="m", rangeSeconds=60)) == []
 
 
 def test_rate_query_and_timeout() -> None:
@@ -580,8 +582,7 @@ def test_client_verifies_tls_and_trusts_the_given_ca() -> None:
 
 
 def test_rate_state_resumes_from_the_status() -> None:
-    from melange.controller.ratewatch import RateState
-    from melange.controller.reconciler import Reconciled
+    from melange.controller.loop import RateState
 
     status = {
         "solvedRate": 68,
@@ -592,20 +593,10 @@ def test_rate_state_resumes_from_the_status() -> None:
             {"type": "RateObserved", "status": "False", "reason": "NoData", "message": "none"},
         ],
     }
-    state = RateState.from_status("uid-1", status)
+    state = RateState.from_status(status)
     assert state.solved_rate == 68.0
     assert state.plan_rate() == 68.0  # observed before: a spec change keeps the decided rate
     assert state.history == [RateSample(T0, 70.5)]
     assert state.condition == Condition(RATE_OBSERVED, "False", "NoData", "none")
-    fresh = RateState.from_status("uid-2", {"solvedRate": 34})
+    fresh = RateState.from_status({"solvedRate": 34})
     assert fresh.plan_rate() is None  # never observed: spec.workload.totalRate
-
-    # What the stored status lost (a late write from elsewhere) is put back at the next poll.
-    state.record(Reconciled(status={"solvedRate": 70.5, "observedRate": None}, solved_rate=70.5))
-    assert state.solved_rate == 70.5
-    assert state.view(status)["solvedRate"] == 70.5
-    assert state.repairs({**status, "observedRate": 3}) == {
-        "solvedRate": 70.5,
-        "observedRate": None,
-    }
-    assert state.repairs({"solvedRate": 70.5}) == {}

@@ -1,8 +1,15 @@
 """Typed model of the `MelangeAllocation` spec, and its validation.
 
-Pydantic checks each field on its own (types, bounds, finiteness, unknown keys); the cross-field rules
-(matrix shapes against the bucket edges, unique names, min <= max) run over the raw document as well,
-so one pass reports every error at once, each naming its field path and the offending value.
+The CRD (crds/melangeallocations.melange.dev.yaml) states the same rules for the API server: every
+bound, pattern and CEL rule there is enforced here too, so `melange solve` accepts exactly what
+`kubectl apply` would (tests/e2e/test_spec_parity.py proves it against a real API server).
+
+Pydantic checks each field on its own (types, bounds, lengths, patterns, unknown keys); the
+cross-field rules (matrix shapes against the bucket edges, unique names and targets, min <= max, the
+rate source's choices) run over the raw document as well, so one pass reports every error at once,
+each naming its field path and the offending value. Values are read as the API server reads JSON:
+a null field is an absent one, numbers and booleans are never parsed from strings, and an integral
+number such as 8.0 is an integer.
 """
 
 from __future__ import annotations
@@ -11,28 +18,53 @@ import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 API_GROUP = "melange.dev"
 API_VERSION = "v1alpha1"
 KIND = "MelangeAllocation"
 MAX_SLICE_FACTOR = 1024
+MAX_EDGES = 33  # so at most 32 buckets per axis, a 32 x 32 matrix
+MAX_EDGE = 10_000_000  # tokens
+MAX_BUCKETS = MAX_EDGES - 1
+MAX_GPUS = 16
+MAX_REPLICAS = 10_000
+GPU_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+REPLICAS_PATH_PATTERN = r"^(/[^/]+)+$"
+URL_PATTERN = r"^https?://"
+POLICIES = ("Enforce", "Observe")
 
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: an integral float (8.0) is the integer the API server takes it for."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
 NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Edge = Annotated[Integer, Field(ge=1, le=MAX_EDGE)]
+Row = Annotated[list[NonNegativeNumber], Field(min_length=1, max_length=MAX_BUCKETS)]
+Matrix = Annotated[list[Row], Field(min_length=1, max_length=MAX_BUCKETS)]
+Name = Annotated[str, Field(min_length=1, max_length=253)]
+Policy = Literal["Enforce", "Observe"]
 
 
 class _Model(BaseModel):
-    """Base: camelCase names as in the manifest, unknown keys rejected (typos never pass silently)."""
+    """Base: camelCase names as in the manifest, unknown keys rejected (typos never pass silently),
+    and JSON's types taken strictly ("3" is not a number, "true" not a boolean), as the API server does."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True, strict=True)
 
 
 class Buckets(_Model):
-    input_tokens: list[int] = Field(alias="inputTokens", min_length=2)
-    output_tokens: list[int] = Field(alias="outputTokens", min_length=2)
+    input_tokens: list[Edge] = Field(alias="inputTokens", min_length=2, max_length=MAX_EDGES)
+    output_tokens: list[Edge] = Field(alias="outputTokens", min_length=2, max_length=MAX_EDGES)
 
 
 class DistributionSource(_Model):
@@ -43,61 +75,67 @@ class DistributionSource(_Model):
     `rateSource.prometheus` (its URL and credentials), for `modelName` (default: the rate source's).
     """
 
-    window_seconds: int = Field(default=3600, alias="windowSeconds", ge=10, le=7 * 86400)
-    drift_tolerance: float = Field(
-        default=0.1, alias="driftTolerance", gt=0, le=1, allow_inf_nan=False
-    )
-    min_requests: float = Field(default=100, alias="minRequests", ge=0, allow_inf_nan=False)
-    model_name: str | None = Field(default=None, alias="modelName", min_length=1, max_length=253)
+    window_seconds: Integer = Field(default=3600, alias="windowSeconds", ge=10, le=7 * 86400)
+    drift_tolerance: Number = Field(default=0.1, alias="driftTolerance", gt=0, le=1)
+    min_requests: Number = Field(default=100, alias="minRequests", ge=0)
+    model_name: Name | None = Field(default=None, alias="modelName")
 
 
 class Workload(_Model):
-    distribution: list[list[NonNegativeNumber]]
-    total_rate: float = Field(alias="totalRate", ge=0, allow_inf_nan=False)
+    distribution: Matrix
+    total_rate: Number = Field(alias="totalRate", ge=0)
     from_prometheus: DistributionSource | None = Field(default=None, alias="fromPrometheus")
 
 
 class ObjectReference(_Model):
     """A scalable object in the allocation's namespace (as HPA's CrossVersionObjectReference)."""
 
-    api_version: str = Field(alias="apiVersion", min_length=1)
-    kind: str = Field(min_length=1)
-    name: str = Field(min_length=1)
+    api_version: str = Field(alias="apiVersion", min_length=1, max_length=253)
+    kind: str = Field(min_length=1, max_length=63)
+    name: Name
+
+    @property
+    def group(self) -> str:
+        """The API group: what comes before "/" in apiVersion, "" for the core group ("v1")."""
+        return _group(self.api_version)
 
 
 class GpuType(_Model):
-    name: str = Field(min_length=1, max_length=63)
-    cost_per_hour: float = Field(alias="costPerHour", gt=0, allow_inf_nan=False)
-    throughput: list[list[NonNegativeNumber]]
-    min_replicas: int = Field(default=0, alias="minReplicas", ge=0)
-    max_replicas: int | None = Field(default=None, alias="maxReplicas", ge=0)
+    name: str = Field(min_length=1, max_length=63, pattern=GPU_NAME_PATTERN)
+    cost_per_hour: Number = Field(alias="costPerHour", gt=0)
+    throughput: Matrix
+    min_replicas: Integer = Field(default=0, alias="minReplicas", ge=0, le=MAX_REPLICAS)
+    max_replicas: Integer | None = Field(default=None, alias="maxReplicas", ge=0, le=MAX_REPLICAS)
     scale_target_ref: ObjectReference | None = Field(default=None, alias="scaleTargetRef")
-    replicas_path: str | None = Field(default=None, alias="replicasPath", pattern=r"^(/[^/]+)+$")
+    replicas_path: str | None = Field(
+        default=None, alias="replicasPath", max_length=256, pattern=REPLICAS_PATH_PATTERN
+    )
+    # Enforce: a replica count changed by someone else is set back to the plan within one interval,
+    # with an Event. Observe: plan changes are still applied, an outside change is only reported.
+    policy: Policy = "Enforce"
 
 
 class SecretKeyRef(_Model):
-    name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    name: Name
+    key: Name
 
 
 class PrometheusSource(_Model):
-    url: str = Field(pattern=r"^https?://")
-    query: str | None = None
+    url: str = Field(max_length=2048, pattern=URL_PATTERN)
+    query: str | None = Field(default=None, min_length=1, max_length=4096)
     # Without `query`: vLLM's request rate for the series labelled model_name=<modelName>,
     # rate() over `rangeSeconds` (default 120).
-    model_name: str | None = Field(default=None, alias="modelName", min_length=1, max_length=253)
-    range_seconds: int | None = Field(default=None, alias="rangeSeconds", ge=1, le=86400)
+    model_name: Name | None = Field(default=None, alias="modelName")
+    range_seconds: Integer | None = Field(default=None, alias="rangeSeconds", ge=1, le=86400)
     bearer_token_secret_ref: SecretKeyRef | None = Field(default=None, alias="bearerTokenSecretRef")
     ca_config_map_ref: SecretKeyRef | None = Field(default=None, alias="caConfigMapRef")
 
 
 class RateSource(_Model):
     prometheus: PrometheusSource
-    interval_seconds: int = Field(default=30, alias="intervalSeconds", ge=5, le=3600)
-    drift_tolerance: float = Field(
-        default=0.1, alias="driftTolerance", ge=0, le=10, allow_inf_nan=False
-    )
-    scale_down_stabilization_seconds: int = Field(
+    interval_seconds: Integer = Field(default=30, alias="intervalSeconds", ge=5, le=3600)
+    drift_tolerance: Number = Field(default=0.1, alias="driftTolerance", ge=0, le=10)
+    scale_down_stabilization_seconds: Integer = Field(
         default=300, alias="scaleDownStabilizationSeconds", ge=0, le=86400
     )
 
@@ -105,9 +143,9 @@ class RateSource(_Model):
 class AllocationSpec(_Model):
     buckets: Buckets
     workload: Workload
-    gpus: list[GpuType] = Field(min_length=1)
-    slice_factor: int = Field(default=8, alias="sliceFactor", ge=1, le=MAX_SLICE_FACTOR)
-    headroom: float = Field(default=0.0, ge=0, le=10, allow_inf_nan=False)
+    gpus: list[GpuType] = Field(min_length=1, max_length=MAX_GPUS)
+    slice_factor: Integer = Field(default=8, alias="sliceFactor", ge=1, le=MAX_SLICE_FACTOR)
+    headroom: Number = Field(default=0.0, ge=0, le=10)
     rate_source: RateSource | None = Field(default=None, alias="rateSource")
     dry_run: bool = Field(default=False, alias="dryRun")
 
@@ -152,10 +190,18 @@ def _join(prefix: str, loc: Sequence[str | int]) -> str:
 
 def _show(value: Any) -> str:
     if isinstance(value, str):
-        return repr(value)
+        return repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float) and value.is_integer() and math.isfinite(value):
         return str(int(value))
+    if isinstance(value, list | dict):
+        return f"a {type(value).__name__} of {len(value)}"
     return str(value)
+
+
+def _group(api_version: str) -> str:
+    return api_version.split("/", 1)[0] if "/" in api_version else ""
 
 
 _BOUND_MESSAGES = {
@@ -182,10 +228,26 @@ def _pydantic_message(error: Mapping[str, Any]) -> str:
         return "is not a known field"
     if kind == "too_short":
         return f"must have at least {ctx.get('min_length')} items, got {ctx.get('actual_length')}"
+    if kind == "too_long":
+        return f"must have at most {ctx.get('max_length')} items, got {ctx.get('actual_length')}"
+    if kind == "string_too_short":
+        return (
+            "must not be empty"
+            if ctx.get("min_length") == 1
+            else f"is too short, got {_show(value)}"
+        )
+    if kind == "string_too_long":
+        return f"must be at most {ctx.get('max_length')} characters, got {len(value or '')}"
     if kind in {"int_type", "int_parsing", "int_from_float"}:
         return f"must be an integer, got {_show(value)}"
     if kind in {"float_type", "float_parsing"}:
         return f"must be a number, got {_show(value)}"
+    if kind == "bool_type":
+        return f"must be true or false, got {_show(value)}"
+    if kind == "string_type":
+        return f"must be a string, got {_show(value)}"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')}, got {_show(value)}"
     if kind == "string_pattern_mismatch":
         return f"must match {ctx.get('pattern')}, got {_show(value)}"
     if kind == "list_type":
@@ -195,19 +257,32 @@ def _pydantic_message(error: Mapping[str, Any]) -> str:
     return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {_show(value)}"
 
 
-def _field_errors(raw: Any, prefix: str) -> list[FieldError]:
+def _without_nulls(raw: Any) -> Any:
+    """A null field is an absent one, as for the API server (it prunes them, then defaults)."""
+    if isinstance(raw, Mapping):
+        return {k: _without_nulls(v) for k, v in raw.items() if v is not None}
+    if isinstance(raw, list):
+        return [_without_nulls(v) for v in raw]
+    return raw
+
+
+def _parse(raw: Any, prefix: str) -> tuple[AllocationSpec | None, list[FieldError]]:
     try:
-        AllocationSpec.model_validate(raw)
+        return AllocationSpec.model_validate(raw), []
     except ValidationError as exc:
-        return [
+        return None, [
             FieldError(_join(prefix, e["loc"]), _pydantic_message(e))
             for e in exc.errors(include_url=False)
         ]
-    return []
 
 
 def _as_list(value: Any) -> list[Any] | None:
     return value if isinstance(value, list) else None
+
+
+def _as_int(value: Any) -> int | None:
+    value = _integral(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _shape_errors(matrix: Any, rows: int, cols: int, path: str) -> Iterator[FieldError]:
@@ -226,20 +301,18 @@ def _shape_errors(matrix: Any, rows: int, cols: int, path: str) -> Iterator[Fiel
 
 
 def _edge_errors(edges: Any, path: str) -> tuple[list[FieldError], int | None]:
-    """Edges must be strictly increasing positive integers; returns the errors and bucket count."""
-    items = _as_list(edges)
-    if items is None or not all(isinstance(e, int) and not isinstance(e, bool) for e in items):
+    """Edges must be strictly increasing (their bounds are the model's); returns the errors and the
+    bucket count."""
+    items = [_as_int(e) for e in _as_list(edges) or [None]]
+    if any(e is None for e in items):
         return [], None
     errors = [
-        FieldError(f"{path}[{k}]", f"must be >= 1, got {e}") for k, e in enumerate(items) if e < 1
-    ]
-    errors += [
         FieldError(
             f"{path}[{k + 1}]",
             f"must be greater than the previous edge {items[k]}, got {items[k + 1]}",
         )
         for k in range(len(items) - 1)
-        if items[k + 1] <= items[k]
+        if (items[k + 1] or 0) <= (items[k] or 0)
     ]
     return errors, (len(items) - 1 if len(items) >= 2 else None)
 
@@ -252,63 +325,158 @@ def _get(raw: Any, *keys: str) -> Any:
     return raw
 
 
-def _cross_field_errors(raw: Any, prefix: str) -> list[FieldError]:
-    """Rules that relate fields to each other, checked on whatever parts are well-formed."""
-    p = f"{prefix}." if prefix else ""
-    errors: list[FieldError] = []
+def _target(gpu: Any) -> tuple[str, str, str] | None:
+    """What a `gpus[]` entry scales, as (group, kind, name); None when its reference is malformed."""
+    ref = _get(gpu, "scaleTargetRef")
+    parts = [_get(ref, key) for key in ("apiVersion", "kind", "name")]
+    if not all(isinstance(part, str) for part in parts):
+        return None
+    api_version, kind, name = parts
+    return _group(api_version), kind, name
+
+
+def _matrix_errors(raw: Any, p: str) -> list[FieldError]:
+    """The matrices' shapes against the bucket edges, and a distribution that can carry a rate."""
     in_errors, rows = _edge_errors(_get(raw, "buckets", "inputTokens"), f"{p}buckets.inputTokens")
     out_errors, cols = _edge_errors(
         _get(raw, "buckets", "outputTokens"), f"{p}buckets.outputTokens"
     )
-    errors += in_errors + out_errors
+    errors = in_errors + out_errors
     distribution = _get(raw, "workload", "distribution")
     if rows is not None and cols is not None:
         errors += _shape_errors(distribution, rows, cols, f"{p}workload.distribution")
+        for k, gpu in enumerate(_as_list(_get(raw, "gpus")) or []):
+            if isinstance(gpu, Mapping):
+                errors += _shape_errors(
+                    gpu.get("throughput"), rows, cols, f"{p}gpus[{k}].throughput"
+                )
     total = _get(raw, "workload", "totalRate")
-    dist_rows = _as_list(distribution) or []
-    cells = [v for row in dist_rows for v in (_as_list(row) or [])]
-    if (
-        isinstance(total, int | float)
-        and total > 0
-        and cells
-        and all(isinstance(v, int | float) for v in cells)
-        and sum(cells) <= 0
-    ):
+    cells = [v for row in _as_list(distribution) or [] for v in (_as_list(row) or [])]
+    numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in cells)
+    # The cells are >= 0, so a positive sum is a positive cell (which CEL can check cheaply).
+    if isinstance(total, int | float) and total > 0 and cells and numbers and sum(cells) <= 0:
         errors.append(
             FieldError(f"{p}workload.distribution", "must have a positive sum when totalRate > 0")
         )
-    gpus = _as_list(_get(raw, "gpus")) or []
-    seen: dict[str, int] = {}
-    for k, gpu in enumerate(gpus):
+    return errors
+
+
+def _gpu_errors(raw: Any, p: str) -> list[FieldError]:
+    """Each GPU type once, each target scaled by one entry, min <= max."""
+    errors: list[FieldError] = []
+    names: dict[str, int] = {}
+    targets: dict[tuple[str, str, str], int] = {}
+    for k, gpu in enumerate(_as_list(_get(raw, "gpus")) or []):
         if not isinstance(gpu, Mapping):
             continue
         gp = f"{p}gpus[{k}]"
         name = gpu.get("name")
         if isinstance(name, str):
-            if name in seen:
+            if name in names:
                 errors.append(
-                    FieldError(f"{gp}.name", f"must be unique, {name!r} is also gpus[{seen[name]}]")
+                    FieldError(
+                        f"{gp}.name", f"must be unique, {name!r} is also gpus[{names[name]}]"
+                    )
                 )
-            seen.setdefault(name, k)
-        if rows is not None and cols is not None:
-            errors += _shape_errors(gpu.get("throughput"), rows, cols, f"{gp}.throughput")
-        low, high = gpu.get("minReplicas", 0), gpu.get("maxReplicas")
-        if isinstance(low, int) and isinstance(high, int) and low > high:
+            names.setdefault(name, k)
+        target = _target(gpu)
+        if target is not None:
+            if target in targets:
+                errors.append(
+                    FieldError(
+                        f"{gp}.scaleTargetRef",
+                        f"names the same target as {p}gpus[{targets[target]}] "
+                        f"({target[1]}/{target[2]})",
+                    )
+                )
+            targets.setdefault(target, k)
+        low, high = _as_int(gpu.get("minReplicas", 0)), _as_int(gpu.get("maxReplicas"))
+        if low is not None and high is not None and low > high:
             errors.append(
                 FieldError(f"{gp}.maxReplicas", f"must be >= minReplicas ({low}), got {high}")
             )
     return errors
 
 
+def _rate_source_errors(raw: Any, p: str) -> list[FieldError]:
+    """The live sources' choices: one query, and a rate source for the distribution to follow."""
+    errors: list[FieldError] = []
+    prometheus = _get(raw, "rateSource", "prometheus")
+    path = f"{p}rateSource.prometheus"
+    if isinstance(prometheus, Mapping):
+        if ("query" in prometheus) == ("modelName" in prometheus):
+            errors.append(FieldError(path, "set exactly one of query and modelName"))
+        if "rangeSeconds" in prometheus and "modelName" not in prometheus:
+            errors.append(
+                FieldError(
+                    f"{path}.rangeSeconds", "applies to the default query, which needs modelName"
+                )
+            )
+    follow = _get(raw, "workload", "fromPrometheus")
+    if follow is not None:
+        if not isinstance(_get(raw, "rateSource"), Mapping):
+            errors.append(
+                FieldError(
+                    f"{p}workload.fromPrometheus",
+                    f"needs {p}rateSource (its Prometheus, credentials and interval are used)",
+                )
+            )
+        elif (
+            isinstance(follow, Mapping)
+            and "modelName" not in follow
+            and isinstance(prometheus, Mapping)
+            and "modelName" not in prometheus
+        ):
+            errors.append(
+                FieldError(
+                    f"{p}workload.fromPrometheus.modelName",
+                    f"is required when {path} has no modelName (the token histograms are "
+                    "selected by vLLM's model_name label)",
+                )
+            )
+    return errors
+
+
+def _cross_field_errors(raw: Any, prefix: str) -> list[FieldError]:
+    """Rules that relate fields to each other, checked on whatever parts are well-formed."""
+    p = f"{prefix}." if prefix else ""
+    return _matrix_errors(raw, p) + _gpu_errors(raw, p) + _rate_source_errors(raw, p)
+
+
 def validate_spec(raw: Any, prefix: str = "spec") -> AllocationSpec:
-    """Parse a raw spec mapping; raise `SpecError` listing every problem, each with its path."""
+    """Parse a raw spec mapping; raise `SpecError` listing every problem, each with its path.
+
+    Everything the API server checks is checked here, but for one thing: `gpus[].scaleTargetRef`
+    is optional, since `melange solve` plans without node pools (the operator requires it).
+    """
     if not isinstance(raw, Mapping):
         raise SpecError([FieldError(prefix or "document", f"must be a mapping, got {_show(raw)}")])
-    errors = _field_errors(raw, prefix) + _cross_field_errors(raw, prefix)
+    document = _without_nulls(raw)
+    spec, errors = _parse(document, prefix)
+    errors += _cross_field_errors(document, prefix)
     unique = list(dict.fromkeys(errors))
-    if unique:
+    if unique or spec is None:
         raise SpecError(unique)
-    return AllocationSpec.model_validate(raw)
+    return spec
+
+
+def resource_errors(spec: AllocationSpec, prefix: str = "spec") -> list[FieldError]:
+    """What a MelangeAllocation object needs beyond a plannable spec, as its CRD requires: a node
+    pool to scale per GPU type. A bare spec planned by `melange solve` needs none."""
+    return [
+        FieldError(f"{prefix}.gpus[{k}].scaleTargetRef", "is required")
+        for k, gpu in enumerate(spec.gpus)
+        if gpu.scale_target_ref is None
+    ]
+
+
+def validate_resource_spec(raw: Any, prefix: str = "spec") -> AllocationSpec:
+    """`validate_spec` for the spec of a MelangeAllocation object (a manifest, or one stored)."""
+    spec = validate_spec(raw, prefix)
+    errors = resource_errors(spec, prefix)
+    if errors:
+        raise SpecError(errors)
+    return spec
 
 
 def parse_document(document: Any) -> Allocation:
@@ -327,8 +495,9 @@ def parse_document(document: Any) -> Allocation:
         if errors:
             raise SpecError(errors)
         metadata = document.get("metadata") or {}
+        validate = validate_resource_spec if kind == KIND else validate_spec
         return Allocation(
-            spec=validate_spec(document["spec"], "spec"),
+            spec=validate(document["spec"], "spec"),
             name=metadata.get("name") if isinstance(metadata, Mapping) else None,
             namespace=metadata.get("namespace") if isinstance(metadata, Mapping) else None,
         )
