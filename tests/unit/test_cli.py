@@ -183,3 +183,83 @@ def test_profiles_errors() -> None:
     )
     assert bad_edges.returncode == 2
     assert "must be at least 2 strictly increasing integers" in bad_edges.stderr
+
+
+IMPORTED_MODULES = """
+import sys
+from melange.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except SystemExit:
+    pass
+print(" ".join(sorted(sys.modules)))
+"""
+COMMAND_MODULES = {
+    f"melange.cli.{name}" for name in ("profile", "profiles", "run", "solve", "workload")
+}
+KUBERNETES_AND_HTTP = {"kopf", "kubernetes", "aiohttp"}
+
+
+def imported(*args: str) -> set[str]:
+    """The modules a fresh `melange ARGS` process has imported when the command returns."""
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTED_MODULES, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    return set(result.stdout.splitlines()[-1].split())
+
+
+def packages(modules: set[str]) -> set[str]:
+    return {m.partition(".")[0] for m in modules}
+
+
+def test_root_help_imports_no_command() -> None:
+    modules = imported("--help")
+    assert not modules & COMMAND_MODULES
+    heavy = {"kopf", "kubernetes", "aiohttp", "highspy", "numpy", "pydantic", "yaml", "rich"}
+    assert not packages(modules) & heavy
+
+
+def test_solve_help_imports_neither_the_solver_nor_other_commands() -> None:
+    modules = imported("solve", "--help")
+    assert modules & COMMAND_MODULES == {"melange.cli.solve"}
+    assert "melange.plan.solver" not in modules
+    assert not packages(modules) & {*KUBERNETES_AND_HTTP, "highspy", "numpy"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["profiles", "--help"],
+        ["profiles", "list", "--help"],
+        ["workload", "--help"],
+        ["run", "--help"],
+        ["profile", "--help"],
+        ["profiles", "list"],
+        ["profiles", "estimate", "--gpu", "L4", "--tpot-ms", "50"],
+        ["solve", str(EXAMPLES / "mixed.yaml")],
+    ],
+)
+def test_commands_without_a_cluster_load_no_kubernetes_or_http_client(args: list[str]) -> None:
+    modules = imported(*args)
+    assert modules & COMMAND_MODULES == {f"melange.cli.{args[0]}"}
+    assert not packages(modules) & KUBERNETES_AND_HTTP
+
+
+def test_root_help_lists_each_command_with_its_own_summary() -> None:
+    import click
+
+    from melange.cli import COMMANDS, main
+
+    ctx = click.Context(main)
+    assert main.list_commands(ctx) == sorted(COMMANDS)
+    for name, lazy in COMMANDS.items():
+        command = main.get_command(ctx, name)
+        assert command is not None
+        assert command.name == name
+        assert command.get_short_help_str(limit=1000) == lazy.summary
+    listing = run("--help").stdout.split("Commands:\n", 1)[1].splitlines()
+    assert [line.split()[0] for line in listing] == sorted(COMMANDS)

@@ -9,10 +9,14 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-from typing import Any, NoReturn
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 import yaml
+
+if TYPE_CHECKING:
+    from melange import api
 
 EXIT_INFEASIBLE = 1
 EXIT_INVALID = 2
@@ -39,6 +43,33 @@ def parse_edges(value: str, option: str | None = None) -> list[int]:
             param_hint=option,
         )
     return edges
+
+
+def optional_edges(value: str | None) -> list[int] | None:
+    return None if value is None else parse_edges(value)
+
+
+OUTPUT_FORMAT = click.option(
+    "-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
+)
+
+
+def read_allocation(path: str) -> api.Allocation:
+    """Read a manifest from a file or stdin (`-`); every problem with it exits 2.
+
+    The spec model is imported here, not with this module, so that commands that read no
+    allocation do not load pydantic.
+    """
+    from melange import api
+
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        fail([f"{path}: cannot read: {exc.strerror or exc}"], EXIT_INVALID)
+    try:
+        return api.load_text(text, source=path)
+    except api.SpecError as exc:
+        fail([str(e) for e in exc.errors], EXIT_INVALID)
 
 
 def dump(data: Any, output: str = "yaml") -> str:

@@ -1,0 +1,223 @@
+"""`melange profiles`: list, show, estimate, import and compare GPU throughput profiles."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from melange.cli.util import EXIT_INVALID, OUTPUT_FORMAT, dump, fail, optional_edges
+from melange.plan import report
+from melange.tools import perfmodel, profiles
+from melange.tools.profiles import build as profile_build
+
+
+@click.group("profiles")
+def profiles_group() -> None:
+    """GPU throughput profiles: the shipped library, estimates for new set-ups, measured ones.
+
+    A profile is a `spec.gpus[]` entry (name, costPerHour, throughput) for one model, GPU type and
+    time-per-output-token SLO. The shipped ones are estimates (see `melange profiles show`), to be
+    replaced by measurements when you have them: `melange profiles import` adds a measured profile
+    to the user profile directory, where `list`, `show` and `compare` find it.
+    """
+
+
+_DIR = click.option(
+    "--dir",
+    "user_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="User profile directory [default: $MELANGE_PROFILES_DIR, else "
+    "$XDG_DATA_HOME/melange/profiles, else ~/.local/share/melange/profiles].",
+)
+
+
+def _user_dir(user_dir: Path | None) -> Path:
+    """The user profile directory; files in it that are not valid profiles are warned about."""
+    directory = user_dir if user_dir is not None else profiles.user_profile_dir()
+    for problem in profiles.load_user_profiles(directory).problems:
+        click.echo(f"warning: {problem} (ignored)", err=True)
+    return directory
+
+
+@profiles_group.command("list")
+@_DIR
+def profiles_list(user_dir: Path | None) -> None:
+    """List the shipped profiles and the imported (measured) ones."""
+    rows = [
+        [
+            p.name,
+            p.gpu,
+            p.model,
+            f"{p.tpot_seconds * 1000:g} ms",
+            f"{p.cost_per_hour:.2f}",
+            p.source,
+        ]
+        for p in profiles.list_profiles(_user_dir(user_dir))
+    ]
+    header = ["PROFILE", "GPU", "MODEL", "TPOT SLO", "COST/H", "SOURCE"]
+    for line in report.format_table(header, rows):
+        click.echo(line)
+
+
+@profiles_group.command("show")
+@click.argument("name")
+@OUTPUT_FORMAT
+@click.option(
+    "--entry-only",
+    is_flag=True,
+    help="Print just the spec.gpus[] entry (name, costPerHour, throughput) to paste into a spec.",
+)
+@_DIR
+def profiles_show(name: str, output: str, entry_only: bool, user_dir: Path | None) -> None:
+    """Print the profile NAME (see `melange profiles list`) with the inputs it was estimated from."""
+    try:
+        profile = profiles.load_profile(name, _user_dir(user_dir))
+    except profiles.UnknownProfileError as exc:
+        fail([str(exc)], EXIT_INVALID)
+    click.echo(dump(profiles.gpu_entry(profile) if entry_only else profile, output), nl=False)
+
+
+@profiles_group.command("estimate")
+@click.option("--gpu", type=click.Choice(sorted(perfmodel.GPUS)), required=True, help="GPU type.")
+@click.option(
+    "--model",
+    type=click.Choice(sorted(perfmodel.MODELS)),
+    default=perfmodel.SHIPPED_MODEL,
+    show_default=True,
+    help="Model architecture.",
+)
+@click.option(
+    "--tpot-ms",
+    type=click.FloatRange(min=0, min_open=True, max=10000),
+    required=True,
+    help="SLO on the time per output token, in milliseconds.",
+)
+@click.option(
+    "--input-edges",
+    help="Input-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_INPUT_EDGES))}].",
+)
+@click.option(
+    "--output-edges",
+    help="Output-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_OUTPUT_EDGES))}].",
+)
+@click.option(
+    "--cost-per-hour", type=click.FloatRange(min=0, min_open=True), help="Override the price."
+)
+@OUTPUT_FORMAT
+def profiles_estimate(
+    gpu: str,
+    model: str,
+    tpot_ms: float,
+    input_edges: str | None,
+    output_edges: str | None,
+    cost_per_hour: float | None,
+    output: str,
+) -> None:
+    """Estimate a profile with the first-order performance model (melange.tools.perfmodel).
+
+    Prefill is bound by the GPU's FLOP/s, decode by its memory bandwidth, and the batch by the
+    memory left for the KV cache after the weights and by the SLO; each bucket is represented by the
+    geometric midpoint of its edges. The output records every input, labelled as an estimate.
+    """
+    spec = perfmodel.GPUS[gpu]
+    if cost_per_hour is not None:
+        spec = dataclasses.replace(spec, cost_per_hour=cost_per_hour)
+    profile = perfmodel.build_profile(
+        spec,
+        perfmodel.MODELS[model],
+        tpot_ms / 1000,
+        optional_edges(input_edges),
+        optional_edges(output_edges),
+    )
+    click.echo(
+        profile_build.render_profile(profile) if output == "yaml" else dump(profile, output),
+        nl=False,
+    )
+
+
+@profiles_group.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@_DIR
+@click.option("--force", is_flag=True, help="Replace a different user profile of the same name.")
+def profiles_import(file: str, user_dir: Path | None, force: bool) -> None:
+    """Validate a measured profile and add it to the user profile directory.
+
+    FILE ('-' reads stdin) has the shape of a shipped profile (see `melange profiles show`) with
+    `source: measured`, and optionally `measurement:` (a mapping saying how it was measured)
+    instead of `estimate:`. Its `profile` name is how `list`, `show` and `compare` find it; a
+    user profile with the name of a shipped one replaces it. Exits 2 when the file is invalid.
+    """
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        fail([f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"], EXIT_INVALID)
+    directory = user_dir if user_dir is not None else profiles.user_profile_dir()
+    try:
+        path = profiles.import_profile(file, text, directory, force=force)
+    except profiles.ProfileError as exc:
+        fail(exc.errors, EXIT_INVALID)
+    except OSError as exc:
+        fail([f"{directory}: cannot write: {exc.strerror or exc}"], EXIT_INVALID)
+    name = yaml.safe_load(path.read_text(encoding="utf-8"))["profile"]
+    note = " (it replaces the shipped estimate of that name)" if profiles.is_shipped(name) else ""
+    click.echo(f"imported {name} -> {path}{note}")
+
+
+@profiles_group.command("compare")
+@click.argument("names", nargs=-1, required=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+@_DIR
+def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None) -> None:
+    """Cost per million requests of each bucket on each profile, and the cheapest per bucket.
+
+    The cost is costPerHour / (throughput x 3600) x 10^6: what a million requests of that bucket
+    cost on an instance kept busy at its profiled throughput ('-': the profile cannot serve the
+    bucket). The profiles must share their bucket edges.
+    """
+    directory = _user_dir(user_dir)
+    documents: dict[str, dict[str, Any]] = {}
+    try:
+        for name in names:
+            documents[name] = profiles.load_profile(name, directory)
+    except profiles.UnknownProfileError as exc:
+        fail([str(exc)], EXIT_INVALID)
+    try:
+        table = profiles.compare_profiles(documents)
+    except profiles.ProfileError as exc:
+        fail(exc.errors, EXIT_INVALID)
+    if output != "table":
+        click.echo(dump(table, output), nl=False)
+        return
+    gpus = [p["gpu"] for p in table["profiles"]]
+    labels = gpus if len(set(gpus)) == len(gpus) else list(documents)
+    label = dict(zip(documents, labels, strict=True))
+    rows = [
+        [
+            f"{row['inputTokens'][0]}-{row['inputTokens'][1]}",
+            f"{row['outputTokens'][0]}-{row['outputTokens'][1]}",
+            *("-" if c is None else f"{c:.2f}" for c in row["costPerMillion"].values()),
+            "-" if row["winner"] is None else label[row["winner"]],
+        ]
+        for row in table["rows"]
+    ]
+    header = ["INPUT", "OUTPUT", *labels, "CHEAPEST"]
+    for line in report.format_table(header, rows):
+        click.echo(line)
+    if labels != gpus:
+        return
+    click.echo("")
+    for name, gpu in zip(documents, gpus, strict=True):
+        click.echo(f"{gpu}: {name} ({documents[name]['source']})")

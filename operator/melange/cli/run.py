@@ -1,0 +1,133 @@
+"""`melange run`: the Kubernetes operator. Kopf and the Kubernetes client are reached through
+`melange.controller.kube.runner`, imported when the command runs, so that no other command (nor
+this one's help) loads them."""
+
+from __future__ import annotations
+
+import click
+
+from melange.cli.util import fail
+
+
+@click.command()
+@click.option(
+    "-n",
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="Namespace to watch (repeatable). Without it: all namespaces.",
+)
+@click.option(
+    "--leader-elect/--no-leader-elect",
+    default=True,
+    show_default=True,
+    help="Elect one writer among the replicas with a Kubernetes Lease (the others stand by).",
+)
+@click.option(
+    "--lease-name", default="melange-operator", show_default=True, help="The Lease's name."
+)
+@click.option(
+    "--lease-namespace",
+    help="The Lease's namespace; default: $POD_NAMESPACE, else the kubeconfig context's, else "
+    "default.",
+)
+@click.option(
+    "--identity",
+    help="This replica's name in the Lease, Events and user agent; default: $POD_NAME, else "
+    "$HOSTNAME.",
+)
+@click.option(
+    "--allow-cluster-scoped",
+    "cluster_scoped",
+    metavar="RESOURCE.GROUP",
+    multiple=True,
+    help="A cluster-scoped kind allocations may resize, e.g. nodepools.karpenter.sh (repeatable). "
+    "Without it, a cluster-scoped scale target is refused.",
+)
+@click.option(
+    "--resync-seconds",
+    type=click.FloatRange(1, 3600),
+    default=30,
+    show_default=True,
+    help="How often an allocation without a rate source has its node pools checked (an outside "
+    "change is set back); with a rate source, its intervalSeconds.",
+)
+@click.option(
+    "--liveness",
+    metavar="URL",
+    help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
+)
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False, exists=True),
+    help="Kubeconfig file; default: in-cluster credentials, else $KUBECONFIG or ~/.kube/config.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port of the Prometheus /metrics endpoint (0: do not serve metrics).",
+)
+@click.option("--metrics-address", default="0.0.0.0", show_default=True, help="Address to bind.")
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def run(
+    namespaces: tuple[str, ...],
+    leader_elect: bool,
+    lease_name: str,
+    lease_namespace: str | None,
+    identity: str | None,
+    cluster_scoped: tuple[str, ...],
+    resync_seconds: float,
+    liveness: str | None,
+    kubeconfig: str | None,
+    metrics_port: int,
+    metrics_address: str,
+    verbose: bool,
+) -> None:
+    """Run the operator: reconcile MelangeAllocations and scale their node pools.
+
+    Runs until interrupted (SIGINT/SIGTERM). Deleting an allocation leaves its node pools as they
+    are; the operator puts no finalizer on allocations.
+    """
+    import os
+
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig
+    from melange.controller import metrics
+    from melange.controller.kube.runner import default_lease_namespace, run_operator
+    from melange.controller.loop import Settings
+    from melange.controller.settings import RunSettings
+
+    bad = [name for name in cluster_scoped if "." not in name.strip(".")]
+    if bad:
+        fail(
+            [
+                f"--allow-cluster-scoped {name}: expected RESOURCE.GROUP, e.g. nodepools.karpenter.sh"
+                for name in bad
+            ],
+            2,
+        )
+    settings = RunSettings(
+        identity=identity or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or "melange",
+        lease_namespace=lease_namespace
+        or default_lease_namespace(
+            kubeconfig or os.environ.get("KUBECONFIG"), os.environ.get("POD_NAMESPACE")
+        ),
+        lease_name=lease_name,
+        leader_elect=leader_elect,
+        kubeconfig=kubeconfig or os.environ.get("KUBECONFIG"),
+        controller=Settings(
+            resync_seconds=resync_seconds, allow_cluster_scoped=frozenset(cluster_scoped)
+        ),
+    )
+
+    if metrics_port:
+        try:
+            metrics.serve(metrics_port, metrics_address)
+        except OSError as exc:
+            fail([f"--metrics-port {metrics_port}: cannot listen: {exc.strerror or exc}"], 2)
+
+    run_operator(
+        namespaces=namespaces, liveness_endpoint=liveness, verbose=verbose, settings=settings
+    )
