@@ -2,16 +2,18 @@
 
 The control plane has no kubelet, so the chart's Deployment never gets a pod. The operator runs
 out of cluster instead (`melange run --kubeconfig`), with a token of the chart's ServiceAccount
-from the TokenRequest API: exactly the permissions the chart's RBAC grants, nothing more.
+from the TokenRequest API: exactly the permissions the chart's RBAC grants, nothing more, and with
+the arguments of the chart's Deployment, expanded the way the kubelet expands them.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 from base64 import b64encode
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -105,12 +107,33 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class OperatorRun:
-    """`melange run --kubeconfig FILE [-n NS ...]`, as the chart's Deployment would run it."""
+def pod_args(deployment: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """The operator container's command and args, with $(VAR) expanded from `env` as the kubelet
+    does (an unknown $(VAR) stays as written)."""
+    pod = deployment["spec"]["template"]["spec"]
+    (operator,) = [c for c in pod["containers"] if c["name"] == "operator"]
+    return [
+        re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m[1], m[0]), arg)
+        for arg in [*operator["command"], *operator["args"]]
+    ]
 
-    def __init__(self, kubeconfig: Path, namespaces: Sequence[str], log_path: Path) -> None:
+
+class OperatorRun:
+    """The chart's `melange run ...` as one pod of its Deployment runs it, but out of cluster: the
+    Deployment's arguments, POD_NAME and POD_NAMESPACE as the downward API sets them, plus
+    `--kubeconfig` and loopback ports for the probe and the metrics."""
+
+    def __init__(
+        self,
+        kubeconfig: Path,
+        deployment: Mapping[str, Any],
+        log_path: Path,
+        pod_name: str = "operator-0",
+    ) -> None:
         self.kubeconfig = kubeconfig
-        self.namespaces = list(namespaces)
+        self.pod_name = pod_name
+        self.pod_env = {"POD_NAME": pod_name, "POD_NAMESPACE": deployment["metadata"]["namespace"]}
+        self.args = pod_args(deployment, self.pod_env)
         self.log_path = log_path
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -118,7 +141,10 @@ class OperatorRun:
     def start(self) -> None:
         health, metrics = _free_port(), _free_port()
         self._log = self.log_path.open("ab")
-        argv = [MELANGE, "run", *(f"--namespace={ns}" for ns in self.namespaces)]
+        command, args = self.args[:2], self.args[2:]
+        assert command == ["melange", "run"], command
+        local = ("--liveness=", "--metrics-port=", "--metrics-address=", "--verbose")
+        argv = [MELANGE, "run", *(a for a in args if not a.startswith(local))]
         argv += [
             f"--kubeconfig={self.kubeconfig}",
             f"--liveness=http://127.0.0.1:{health}/healthz",
@@ -126,12 +152,10 @@ class OperatorRun:
             "--metrics-address=127.0.0.1",
             "--verbose",
         ]
+        # No admin credentials from the environment: the kubeconfig is the only identity.
+        env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
         self.process = subprocess.Popen(
-            argv,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            # No admin credentials from the environment: the kubeconfig is the only identity.
-            env={k: v for k, v in os.environ.items() if k != "KUBECONFIG"},
+            argv, stdout=self._log, stderr=subprocess.STDOUT, env={**env, **self.pod_env}
         )
 
         wait_healthy(self.process, f"http://127.0.0.1:{health}/healthz", self.log)

@@ -20,7 +20,7 @@ from tests.controlplane.harness import ControlPlane
 from tests.e2e.kube import Kinds, Kube, eventually
 from tests.e2e.test_operator import SPEC as E2E_SPEC
 
-from .expected import DEFAULT_RULES
+from .expected import DEFAULT_RULES, leader_args, lease_rules
 from .release import OperatorRun, Release
 
 pytestmark = pytest.mark.e2e
@@ -31,6 +31,11 @@ DEPLOYMENT = ("apps/v1", "Deployment")
 SERVICE = ("v1", "Service")
 SERVICE_ACCOUNT = ("v1", "ServiceAccount")
 CRD = ("apiextensions.k8s.io/v1", "CustomResourceDefinition")
+PDB = ("policy/v1", "PodDisruptionBudget")
+ROLE_BINDING = ("rbac.authorization.k8s.io/v1", "RoleBinding")
+CLUSTER_ROLE_BINDING = ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding")
+LEASE = ("coordination.k8s.io/v1", "Lease")
+TAIL_ARGS = ["--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=8000"]
 
 # The e2e allocation with the pools the chart's default values cover (Deployment, MachineDeployment),
 # and its third GPU type, a kind the defaults do not list, resized through replicasPath.
@@ -82,12 +87,16 @@ def test_install_upgrade_uninstall(kube: Kube, release: Release, namespace: str)
     assert "STATUS: deployed" in out
     assert "It serves MelangeAllocations in all namespaces" in out  # NOTES.txt
     name, ns = release.fullname, release.namespace
+    assert f"electing a leader with the Lease {ns}/{name}" in out
 
     deployment = kube.get(DEPLOYMENT, name, ns)
+    assert deployment["spec"]["replicas"] == 2
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=8000"]
+    assert container["args"] == [*leader_args(name), *TAIL_ARGS]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert deployment["spec"]["strategy"]["type"] == "Recreate"
+    assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert kube.get(PDB, name, ns)["spec"]["maxUnavailable"] == 1
+    assert kube.get(ROLE, f"{name}-leader-election", ns)["rules"] == lease_rules(name)
     assert kube.get(SERVICE_ACCOUNT, name, ns)
     assert kube.get(SERVICE, f"{name}-metrics", ns)["spec"]["ports"][0]["name"] == "metrics"
     assert cluster_object(kube, CLUSTER_ROLE, name)["rules"] == DEFAULT_RULES
@@ -95,18 +104,30 @@ def test_install_upgrade_uninstall(kube: Kube, release: Release, namespace: str)
     assert crd["spec"]["names"]["kind"] == "MelangeAllocation"
 
     # Changing values changes the cluster: a namespaced operator gets a Role instead of the
-    # ClusterRole, and its Deployment gets the flags.
-    release.upgrade({"watchNamespaces": [namespace], "metrics": {"port": 9100}})
+    # ClusterRole, and its Deployment gets the flags; a single replica gets no disruption budget.
+    release.upgrade({"watchNamespaces": [namespace], "metrics": {"port": 9100}, "replicaCount": 1})
     absent(lambda: cluster_object(kube, CLUSTER_ROLE, name))
+    absent(lambda: kube.get(PDB, name, ns))
     assert kube.get(ROLE, name, namespace)["rules"] == DEFAULT_RULES
     deployment = kube.get(DEPLOYMENT, name, ns)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["args"] == [
         f"--namespace={namespace}",
+        *leader_args(name),
         "--liveness=http://0.0.0.0:8080/healthz",
         "--metrics-port=9100",
     ]
     assert deployment["metadata"]["labels"]["app.kubernetes.io/instance"] == release.name
+
+    # Without leader election: one replica, replaced by Recreate, and no Lease permissions.
+    release.upgrade(
+        {"watchNamespaces": [namespace], "leaderElection": {"enabled": False}, "replicaCount": 1}
+    )
+    deployment = kube.get(DEPLOYMENT, name, ns)
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == [f"--namespace={namespace}", "--no-leader-elect", *TAIL_ARGS]
+    absent(lambda: kube.get(ROLE, f"{name}-leader-election", ns))
 
     # Uninstalling removes what the chart made, except the CRD (Helm never deletes crds/); the
     # allocations stay, and carry no finalizer that would wait for the operator.
@@ -115,11 +136,98 @@ def test_install_upgrade_uninstall(kube: Kube, release: Release, namespace: str)
     absent(lambda: kube.get(DEPLOYMENT, name, ns))
     absent(lambda: kube.get(SERVICE_ACCOUNT, name, ns))
     absent(lambda: kube.get(ROLE, name, namespace))
+    absent(lambda: kube.get(ROLE_BINDING, name, namespace))
     assert cluster_object(kube, CRD, "melangeallocations.melange.dev")
     kept = kube.allocation("kept", namespace)
     assert not kept["metadata"].get("finalizers")
     kube.delete(Kinds.allocation, "kept", namespace)
     absent(lambda: kube.allocation("kept", namespace))
+
+
+def allowed(kube: Kube, user: str, **attributes: str) -> bool:
+    """What the API server's RBAC authorizer answers for `user` (a SubjectAccessReview)."""
+    review = client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=user,
+            groups=["system:serviceaccounts", "system:authenticated"],
+            resource_attributes=client.V1ResourceAttributes(**attributes),
+        )
+    )
+    status = client.AuthorizationV1Api(kube.api_client).create_subject_access_review(review).status
+    assert status is not None
+    return bool(status.allowed)
+
+
+def lease(name: str, holder: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": name},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15},
+    }
+
+
+def test_operator_identity_may_hold_its_lease_and_nothing_more(
+    kube: Kube, release: Release, namespace: str, tmp_path: Path
+) -> None:
+    """The leader-election Role, exercised with the ServiceAccount's own token: the calls the
+    election makes (get, create, update of the release's Lease) work, others are refused."""
+    release.install()
+    ns, name = release.namespace, release.fullname
+    as_operator = Kube(release.kubeconfig(kube, tmp_path / "operator.kubeconfig"))
+    resource = as_operator.resource(LEASE)
+    dynamic: Any = as_operator.dynamic
+
+    created = as_operator.create(lease(name, "operator-0"), ns)
+    taken = {**created, "spec": {**created["spec"], "holderIdentity": "operator-1"}}
+    dynamic.replace(resource, body=taken, namespace=ns)
+    assert as_operator.get(LEASE, name, ns)["spec"]["holderIdentity"] == "operator-1"
+
+    # create cannot be narrowed by name, so another Lease can be created in the release namespace,
+    # but never read or renewed: it cannot hold any Lease but its own.
+    other = as_operator.create(lease("other", "operator-0"), ns)
+    with pytest.raises(ForbiddenError):
+        as_operator.get(LEASE, "other", ns)
+    with pytest.raises(ForbiddenError):
+        dynamic.replace(resource, body=other, namespace=ns)
+    with pytest.raises(ForbiddenError):  # nor delete or patch its own
+        as_operator.merge_patch(LEASE, name, ns, {"spec": {"holderIdentity": "x"}})
+    with pytest.raises(ForbiddenError):
+        as_operator.delete(LEASE, name, ns)
+    with pytest.raises(ForbiddenError):  # and nothing outside the release namespace
+        as_operator.create(lease(name, "operator-0"), namespace)
+
+    # No cluster-scoped kind is reachable until the values list it.
+    user = f"system:serviceaccount:{ns}:{name}"
+    nodepools = {"group": "karpenter.sh", "resource": "nodepools", "name": "gpu"}
+    assert not allowed(kube, user, verb="patch", subresource="scale", **nodepools)
+    release.upgrade({"clusterScopedTargets": ["nodepools.karpenter.sh"]})
+    assert allowed(kube, user, verb="get", subresource="scale", **nodepools)
+    assert allowed(kube, user, verb="patch", subresource="scale", **nodepools)
+    assert allowed(kube, user, verb="get", **nodepools)
+    assert not allowed(kube, user, verb="patch", **nodepools)  # only through /scale
+    assert not allowed(kube, user, verb="delete", **nodepools)
+    assert not allowed(kube, user, verb="list", group="karpenter.sh", resource="nodepools")
+    nodeclaims = {"group": "karpenter.sh", "resource": "nodeclaims", "name": "gpu"}
+    assert not allowed(kube, user, verb="patch", subresource="scale", **nodeclaims)
+    role = f"{name}-cluster-scoped-targets"
+    assert cluster_object(kube, CLUSTER_ROLE, role)["rules"] == [
+        {
+            "apiGroups": ["karpenter.sh"],
+            "resources": ["nodepools/scale"],
+            "verbs": ["get", "patch"],
+        },
+        {"apiGroups": ["karpenter.sh"], "resources": ["nodepools"], "verbs": ["get"]},
+    ]
+    deployment = kube.get(DEPLOYMENT, name, ns)
+    assert (
+        "--allow-cluster-scoped=nodepools.karpenter.sh"
+        in (deployment["spec"]["template"]["spec"]["containers"][0]["args"])
+    )
+    release.uninstall()
+    absent(lambda: cluster_object(kube, CLUSTER_ROLE, role))
+    absent(lambda: cluster_object(kube, CLUSTER_ROLE_BINDING, role))
+    assert not allowed(kube, user, verb="patch", subresource="scale", **nodepools)
 
 
 def test_operator_pod_meets_the_restricted_pod_security_standard(
@@ -159,6 +267,9 @@ def test_operator_works_with_exactly_the_charts_permissions(
     kube.deployment("pool-l4", namespace, replicas=5)
     kube.machine_deployment("pool-a100", namespace, replicas=5)
     kube.node_pool("pool-h100", namespace, size=5)
+    # "mixed" has pools of its own: a pool belongs to one allocation (a second one is refused).
+    kube.deployment("mixed-l4", namespace, replicas=5)
+    kube.machine_deployment("mixed-a100", namespace, replicas=5)
 
     # The operator's identity reaches node pools only through what the values list.
     as_operator = Kube(kubeconfig)
@@ -167,10 +278,16 @@ def test_operator_works_with_exactly_the_charts_permissions(
     with pytest.raises(ForbiddenError):
         as_operator.get(Kinds.node_pool, "pool-h100", namespace)
 
-    operator = OperatorRun(kubeconfig, values.get("watchNamespaces", []), tmp_path / "operator.log")
+    deployment = kube.get(DEPLOYMENT, release.fullname, release.namespace)
+    operator = OperatorRun(kubeconfig, deployment, tmp_path / "operator.log")
+    assert f"--lease-namespace={release.namespace}" in operator.args
+    assert f"--identity={operator.pod_name}" in operator.args
     operator.start()
     try:
-        with_node_pool = {**SPEC, "gpus": [*SPEC["gpus"], NODE_POOL_GPU]}
+        own_pools = copy.deepcopy(SPEC["gpus"])
+        for gpu, pool in zip(own_pools, ["mixed-l4", "mixed-a100"], strict=True):
+            gpu["scaleTargetRef"]["name"] = pool
+        with_node_pool = {**SPEC, "gpus": [*own_pools, NODE_POOL_GPU]}
         kube.create(allocation("chat", SPEC), namespace)
         kube.create(allocation("mixed", with_node_pool), namespace)
         expected = planned(SPEC)
@@ -186,10 +303,14 @@ def test_operator_works_with_exactly_the_charts_permissions(
 
         eventually(reconciled)
         chat = kube.allocation("chat", namespace)
-        assert "melange.dev/last-handled-configuration" in chat["metadata"]["annotations"]
+        # Only its status is written: no annotations and no finalizer on the allocation.
+        assert not chat["metadata"].get("annotations")
         assert not chat["metadata"].get("finalizers")
         events = kube.events(namespace, "chat")
         assert {e["reason"] for e in events} >= {"Scaled", "Reconciled"}
+        # It reconciled as the leader, holding the release's Lease under its pod's name.
+        held = kube.get(LEASE, release.fullname, release.namespace)
+        assert held["spec"]["holderIdentity"] == operator.pod_name
 
         # A kind the values do not list is refused by the API server, and said so by name.
         def refused() -> dict[str, Any]:
@@ -231,17 +352,64 @@ def test_operator_works_with_exactly_the_charts_permissions(
     assert "Failed to post an event" not in log
 
 
-def refusals(log: str, namespace: str) -> list[str]:
-    """Log lines about a refused request, other than the NodePool refused on purpose. A cluster-wide
-    operator also serves allocations that other tests left in their namespaces: not ours to judge.
-    Kopf's dumps of an allocation's body are not requests: after a restart they echo the status
-    message of the NodePool refused earlier."""
+def refusals(log: str, namespace: str, expected: str = "nodepools") -> list[str]:
+    """Log lines about a refused request, other than those that mention `expected` (the NodePool
+    refused on purpose; "" when none is expected). A cluster-wide operator also serves allocations
+    that other tests left in their namespaces: not ours to judge. Kopf's dumps of an allocation's
+    body are not requests: after a restart they echo the status message of the NodePool refused
+    earlier."""
     return [
         line
         for line in log.splitlines()
         if re.search(r"forbidden|\b403\b", line, re.IGNORECASE)
         and "{'apiVersion': 'melange.dev/v1alpha1'" not in line
-        and "nodepools" not in line
+        and not (expected and expected in line)
         and not re.search(rf'namespace \\?"(?!{namespace}\b)', line)
         and not re.search(rf"\[(?!{namespace}/)[a-z0-9-]+/[^\]]+\]", line)  # [ns/name] prefix
     ]
+
+
+def test_namespaced_operator_resizes_a_listed_cluster_scoped_pool(
+    kube: Kube, release: Release, namespace: str, tmp_path: Path
+) -> None:
+    """clusterScopedTargets, end to end with the chart's permissions: an operator that watches one
+    namespace (Roles only) resizes a cluster-scoped, Karpenter-shaped NodePool through the
+    ClusterRole and the --allow-cluster-scoped flag the value adds."""
+    release.install(
+        {"watchNamespaces": [namespace], "clusterScopedTargets": ["nodepools.karpenter.sh"]}
+    )
+    karpenter = kube.resource(("karpenter.sh/v1", "NodePool"))
+    dynamic: Any = kube.dynamic
+    nodepool = f"gpu-{namespace}"
+    body = {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "metadata": {"name": nodepool}}
+    dynamic.create(karpenter, body={**body, "spec": {"replicas": 1}})
+    kube.deployment("pool-l4", namespace, replicas=5)
+    kube.machine_deployment("pool-a100", namespace, replicas=5)
+    h100 = {k: v for k, v in NODE_POOL_GPU.items() if k != "replicasPath"}
+    h100["scaleTargetRef"] = {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "name": nodepool}
+    spec = {**SPEC, "gpus": [*copy.deepcopy(SPEC["gpus"]), h100]}
+    expected = planned(spec)
+
+    kubeconfig = release.kubeconfig(kube, tmp_path / "operator.kubeconfig")
+    deployment = kube.get(DEPLOYMENT, release.fullname, release.namespace)
+    operator = OperatorRun(kubeconfig, deployment, tmp_path / "operator.log")
+    assert "--allow-cluster-scoped=nodepools.karpenter.sh" in operator.args
+    operator.start()
+    try:
+        kube.create(allocation("karpenter", spec), namespace)
+
+        def scaled() -> None:
+            pool = dynamic.get(karpenter, name=nodepool).to_dict()
+            assert pool["spec"]["replicas"] == expected["H100"]
+            assert kube.replicas(Kinds.deployment, "pool-l4", namespace) == expected["L4"]
+            ready = kube.condition("karpenter", namespace, "Ready")
+            assert ready is not None
+            assert ready["status"] == "True", ready
+
+        eventually(scaled, timeout=90)
+    finally:
+        operator.stop()
+        kube.delete(Kinds.allocation, "karpenter", namespace)
+        dynamic.delete(karpenter, name=nodepool)
+        print(f"--- operator log (tail) ---\n{operator.log()[-8000:]}")
+    assert not refusals(operator.log(), namespace, expected="")

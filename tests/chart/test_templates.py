@@ -18,7 +18,7 @@ import yaml
 
 from melange.controller import metrics
 
-from .expected import BASE_RULES, DEFAULT_RULES, LABELS, SELECTOR
+from .expected import BASE_RULES, DEFAULT_RULES, LABELS, SELECTOR, leader_args, lease_rules
 from .helm import (
     CHART,
     FULLNAME,
@@ -35,6 +35,22 @@ from .helm import (
 )
 
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+LEADER_ELECTION = f"{FULLNAME}-leader-election"
+CLUSTER_SCOPED = f"{FULLNAME}-cluster-scoped-targets"
+TAIL_ARGS = ["--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=8000"]
+DEFAULT_ARGS = [*leader_args(FULLNAME), *TAIL_ARGS]
+# The soft spread across nodes the chart adds unless the values bring a podAntiAffinity.
+SPREAD = {
+    "preferredDuringSchedulingIgnoredDuringExecution": [
+        {
+            "weight": 100,
+            "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": {"matchLabels": SELECTOR},
+            },
+        }
+    ]
+}
 
 
 def container(manifests: list[Manifest]) -> dict[str, Any]:
@@ -54,8 +70,10 @@ def container(manifests: list[Manifest]) -> dict[str, Any]:
         ["--set", "metrics.serviceMonitor.enabled=true,grafanaDashboard.enabled=true"],
         ["--set", "rbac.rateSourceCredentials.enabled=true"],
         ["--set", "rbac.create=false,serviceAccount.create=false,serviceAccount.name=ops"],
+        ["--set", "leaderElection.enabled=false,replicaCount=1"],
+        ["--set", "clusterScopedTargets={nodepools.karpenter.sh},watchNamespaces={team-a}"],
     ],
-    ids=["defaults", "namespaced", "monitoring", "credentials", "no-rbac"],
+    ids=["defaults", "namespaced", "monitoring", "credentials", "no-rbac", "single", "karpenter"],
 )
 def test_lint_strict(options: list[str]) -> None:
     out = helm("lint", "--strict", str(CHART), *options)
@@ -79,6 +97,9 @@ def test_defaults_render_a_cluster_wide_operator() -> None:
         "ClusterRole",
         "ClusterRoleBinding",
         "Deployment",
+        "PodDisruptionBudget",
+        "Role",
+        "RoleBinding",
         "Service",
         "ServiceAccount",
     ]
@@ -96,14 +117,114 @@ def test_defaults_render_a_cluster_wide_operator() -> None:
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NAMESPACE}
     ]
+    # Nothing cluster-scoped beyond the ClusterRole's namespaced kinds, unless the values list some.
+    assert not find(manifests, "ClusterRole", CLUSTER_SCOPED)
 
 
-def test_deployment_runs_one_hardened_operator() -> None:
+def test_defaults_run_two_replicas_that_elect_a_leader_with_a_lease() -> None:
+    manifests = render()
+    deployment = one(manifests, "Deployment", FULLNAME)
+    assert deployment["spec"]["replicas"] == 2
+    # A rollout keeps a standby: the new pod starts before an old one stops.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    operator = container(manifests)
+    assert operator["args"] == DEFAULT_ARGS
+    # $(POD_NAME) and $(POD_NAMESPACE) in the args come from the downward API.
+    assert operator["env"] == [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["affinity"] == {"podAntiAffinity": SPREAD}
+
+    # The Lease lives in the release namespace, where the operator's identity may take it.
+    role = one(manifests, "Role", LEADER_ELECTION)
+    assert role["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert role["rules"] == lease_rules(FULLNAME)
+    binding = one(manifests, "RoleBinding", LEADER_ELECTION)
+    assert binding["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": LEADER_ELECTION,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NAMESPACE}
+    ]
+    # No Kopf peering: no peering resources anywhere in the RBAC.
+    for manifest in manifests:
+        for rule in manifest.get("rules", []):
+            assert not any("peering" in resource for resource in rule["resources"])
+
+    pdb = one(manifests, "PodDisruptionBudget", FULLNAME)
+    assert pdb["apiVersion"] == "policy/v1"
+    assert pdb["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert pdb["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": SELECTOR}}
+
+
+def test_lease_name_can_be_set() -> None:
+    manifests = render({"leaderElection": {"leaseName": "melange-leader"}})
+    assert container(manifests)["args"] == [*leader_args("melange-leader"), *TAIL_ARGS]
+    assert one(manifests, "Role", LEADER_ELECTION)["rules"] == lease_rules("melange-leader")
+
+
+def test_without_leader_election_one_replica_is_recreated() -> None:
+    manifests = render({"leaderElection": {"enabled": False}, "replicaCount": 1})
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert container(manifests)["args"] == ["--no-leader-elect", *TAIL_ARGS]
+    assert not find(manifests, "Role")
+    assert not find(manifests, "RoleBinding")
+    assert not find(manifests, "PodDisruptionBudget")
+
+
+def test_pod_disruption_budget_only_for_more_than_one_replica() -> None:
+    """With one replica, minAvailable 1 would block every node drain and maxUnavailable 1 would
+    protect nothing: the chart renders no budget rather than a useless or a harmful one."""
+    for replicas in (0, 1):
+        manifests = render({"replicaCount": replicas})
+        assert not find(manifests, "PodDisruptionBudget"), replicas
+        assert one(manifests, "Role", LEADER_ELECTION)  # still electing: a rollout surges to 2
+    assert one(render({"replicaCount": 3}), "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+
+    spec = one(render({"podDisruptionBudget": {"minAvailable": 1}}), "PodDisruptionBudget")["spec"]
+    assert spec == {"minAvailable": 1, "selector": {"matchLabels": SELECTOR}}
+    percent = {"podDisruptionBudget": {"maxUnavailable": "50%"}, "replicaCount": 4}
+    assert one(render(percent), "PodDisruptionBudget")["spec"]["maxUnavailable"] == "50%"
+    assert not find(render({"podDisruptionBudget": {"enabled": False}}), "PodDisruptionBudget")
+    with pytest.raises(HelmError, match="set maxUnavailable or minAvailable"):
+        render({"podDisruptionBudget": {"maxUnavailable": None}})
+
+
+def test_anti_affinity_is_soft_by_default_and_can_be_replaced_or_dropped() -> None:
+    node_affinity: dict[str, Any] = {"preferredDuringSchedulingIgnoredDuringExecution": []}
+    pod = one(render({"affinity": {"nodeAffinity": node_affinity}}), "Deployment")
+    assert pod["spec"]["template"]["spec"]["affinity"] == {
+        "nodeAffinity": node_affinity,
+        "podAntiAffinity": SPREAD,
+    }
+    hard = {
+        "requiredDuringSchedulingIgnoredDuringExecution": [
+            {
+                "topologyKey": "topology.kubernetes.io/zone",
+                "labelSelector": {"matchLabels": SELECTOR},
+            }
+        ]
+    }
+    pod = one(render({"affinity": {"podAntiAffinity": hard}}), "Deployment")
+    assert pod["spec"]["template"]["spec"]["affinity"] == {"podAntiAffinity": hard}
+    pod = one(render({"affinity": {"podAntiAffinity": {}}}), "Deployment")
+    assert pod["spec"]["template"]["spec"]["affinity"] == {"podAntiAffinity": {}}
+
+
+def test_deployment_runs_a_hardened_operator() -> None:
     manifests = render()
     deployment = one(manifests, "Deployment", FULLNAME)
     spec = deployment["spec"]
-    assert spec["replicas"] == 1
-    assert spec["strategy"] == {"type": "Recreate"}
     assert spec["selector"] == {"matchLabels": SELECTOR}
     assert spec["template"]["metadata"]["labels"] == LABELS
     pod = spec["template"]["spec"]
@@ -119,7 +240,7 @@ def test_deployment_runs_one_hardened_operator() -> None:
     operator = container(manifests)
     assert operator["image"] == "melange-operator:0.1.0"
     assert operator["command"] == ["melange", "run"]
-    assert operator["args"] == ["--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=8000"]
+    assert operator["args"] == DEFAULT_ARGS
     assert operator["securityContext"] == {
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
@@ -167,7 +288,7 @@ def test_every_pod_option_reaches_the_pod() -> None:
         "podLabels": {"team": "serving"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+        "affinity": {"podAntiAffinity": {}},
         "livenessProbe": {"periodSeconds": 30, "failureThreshold": 5},
         "resources": {"requests": {"cpu": "50m"}, "limits": {"memory": "1Gi"}},
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}},
@@ -215,7 +336,8 @@ def test_names_can_be_overridden() -> None:
         "app.kubernetes.io/name": "melange",
     }
     manifests = render({"fullnameOverride": "mo"})
-    assert {m["metadata"]["name"] for m in manifests} == {"mo", "mo-metrics"}
+    assert {m["metadata"]["name"] for m in manifests} == {"mo", "mo-metrics", "mo-leader-election"}
+    assert container(manifests)["args"][:2] == ["--leader-elect", "--lease-name=mo"]
 
 
 # -- namespaces and RBAC ---------------------------------------------------------------------------
@@ -225,13 +347,15 @@ def test_watch_namespaces_get_a_role_each_and_no_cluster_role() -> None:
     manifests = render({"watchNamespaces": ["team-a", "team-b"]})
     assert not find(manifests, "ClusterRole")
     assert not find(manifests, "ClusterRoleBinding")
-    roles = find(manifests, "Role")
+    # The Lease stays in the release namespace, whatever the operator watches.
+    assert one(manifests, "Role", LEADER_ELECTION)["metadata"]["namespace"] == RELEASE_NAMESPACE
+    roles = find(manifests, "Role", FULLNAME)
     assert [(r["metadata"]["name"], r["metadata"]["namespace"]) for r in roles] == [
         (FULLNAME, "team-a"),
         (FULLNAME, "team-b"),
     ]
     assert all(r["rules"] == DEFAULT_RULES for r in roles)
-    bindings = find(manifests, "RoleBinding")
+    bindings = find(manifests, "RoleBinding", FULLNAME)
     assert [b["metadata"]["namespace"] for b in bindings] == ["team-a", "team-b"]
     for binding in bindings:
         assert binding["roleRef"] == {
@@ -245,9 +369,51 @@ def test_watch_namespaces_get_a_role_each_and_no_cluster_role() -> None:
     assert container(manifests)["args"] == [
         "--namespace=team-a",
         "--namespace=team-b",
-        "--liveness=http://0.0.0.0:8080/healthz",
-        "--metrics-port=8000",
+        *DEFAULT_ARGS,
     ]
+
+
+@pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["cluster-wide", "namespaced"])
+def test_cluster_scoped_targets_are_allowed_by_flag_and_a_cluster_role(watch: list[str]) -> None:
+    targets = ["nodepools.karpenter.sh", "widgets.example.co.uk"]
+    manifests = render({"clusterScopedTargets": targets, "watchNamespaces": watch})
+    args = container(manifests)["args"]
+    assert args[len(watch) + 4 : len(watch) + 6] == [
+        "--allow-cluster-scoped=nodepools.karpenter.sh",
+        "--allow-cluster-scoped=widgets.example.co.uk",
+    ]
+    role = one(manifests, "ClusterRole", CLUSTER_SCOPED)
+    assert role["rules"] == [
+        {
+            "apiGroups": ["karpenter.sh"],
+            "resources": ["nodepools/scale"],
+            "verbs": ["get", "patch"],
+        },
+        {"apiGroups": ["karpenter.sh"], "resources": ["nodepools"], "verbs": ["get"]},
+        {"apiGroups": ["example.co.uk"], "resources": ["widgets/scale"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["example.co.uk"], "resources": ["widgets"], "verbs": ["get"]},
+    ]
+    binding = one(manifests, "ClusterRoleBinding", CLUSTER_SCOPED)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": CLUSTER_SCOPED,
+    }
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": FULLNAME, "namespace": RELEASE_NAMESPACE}
+    ]
+    # The namespaced kinds' rules are unchanged by it.
+    for role in find(manifests, "ClusterRole", FULLNAME) + find(manifests, "Role", FULLNAME):
+        assert role["rules"] == DEFAULT_RULES
+
+    plain = render({"watchNamespaces": watch})
+    assert not any(arg.startswith("--allow-cluster-scoped") for arg in container(plain)["args"])
+    assert not find(plain, "ClusterRole", CLUSTER_SCOPED)
+    assert not find(plain, "ClusterRoleBinding", CLUSTER_SCOPED)
+    # Without RBAC from the chart, the flag is still passed: the user grants the permissions.
+    own = render({"clusterScopedTargets": targets, "rbac": {"create": False}})
+    assert "--allow-cluster-scoped=nodepools.karpenter.sh" in container(own)["args"]
+    assert not find(own, "ClusterRole")
 
 
 def test_scale_targets_grant_the_scale_subresource_or_the_object() -> None:
@@ -283,7 +449,7 @@ def test_rate_source_credentials_are_off_by_default_and_can_be_narrowed() -> Non
         "configMapNames": ["prometheus-ca", "other-ca"],
     }
     manifests = render({"watchNamespaces": ["team-a"], "rbac": {"rateSourceCredentials": narrowed}})
-    assert one(manifests, "Role")["rules"][-2:] == [
+    assert one(manifests, "Role", FULLNAME)["rules"][-2:] == [
         {
             "apiGroups": [""],
             "resources": ["secrets"],
@@ -303,7 +469,7 @@ def test_rbac_and_service_account_can_be_brought_by_the_user() -> None:
     manifests = render(
         {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "x"}}
     )
-    assert kinds(manifests) == ["Deployment", "Service"]
+    assert kinds(manifests) == ["Deployment", "PodDisruptionBudget", "Service"]
     assert one(manifests, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "x"
 
     with pytest.raises(HelmError, match=r"serviceAccount\.name is required"):
@@ -312,6 +478,7 @@ def test_rbac_and_service_account_can_be_brought_by_the_user() -> None:
     named = render({"serviceAccount": {"name": "melange"}})
     assert one(named, "ServiceAccount")["metadata"]["name"] == "melange"
     assert one(named, "ClusterRoleBinding")["subjects"][0]["name"] == "melange"
+    assert one(named, "RoleBinding", LEADER_ELECTION)["subjects"][0]["name"] == "melange"
 
 
 # -- monitoring ------------------------------------------------------------------------------------
@@ -443,7 +610,27 @@ def test_schema_closes_every_object_and_accepts_the_defaults() -> None:
             {"metrics": {"serviceMonitor": {"enable": True}}},
             "at '/metrics/serviceMonitor': additional properties 'enable' not allowed",
         ),
-        ({"replicaCount": 2}, "at '/replicaCount': maximum: got 2, want 1"),
+        ({"replicaCount": -1}, "at '/replicaCount': minimum: got -1, want 0"),
+        # Without a Lease, two replicas would reconcile the same allocations at once.
+        ({"leaderElection": {"enabled": False}}, "at '/replicaCount': maximum: got 2, want 1"),
+        ({"leaderElection": {"leaseName": "Lease_1"}}, "at '/leaderElection/leaseName'"),
+        ({"leaderElection": {"elect": True}}, "additional properties 'elect' not allowed"),
+        (
+            {"podDisruptionBudget": {"maxUnavailable": "half"}},
+            "at '/podDisruptionBudget/maxUnavailable'",
+        ),
+        ({"podDisruptionBudget": {"minAvailable": -1}}, "at '/podDisruptionBudget/minAvailable'"),
+        ({"clusterScopedTargets": ["nodepools"]}, "at '/clusterScopedTargets/0'"),  # no group
+        ({"clusterScopedTargets": ["NodePools.karpenter.sh"]}, "at '/clusterScopedTargets/0'"),
+        (
+            {"clusterScopedTargets": ["nodepools/scale.karpenter.sh"]},
+            "at '/clusterScopedTargets/0'",
+        ),
+        ({"clusterScopedTargets": ["karpenter.sh/nodepools"]}, "at '/clusterScopedTargets/0'"),
+        (
+            {"clusterScopedTargets": ["nodepools.karpenter.sh", "nodepools.karpenter.sh"]},
+            "at '/clusterScopedTargets'",
+        ),
         (
             {"rbac": {"scaleTargets": [{"apiGroup": "apps", "resource": "x", "via": "patch"}]}},
             "at '/rbac/scaleTargets/0/via'",

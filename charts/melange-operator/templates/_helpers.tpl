@@ -45,6 +45,16 @@ helm.sh/chart: {{ include "melange-operator.chart" . }}
 {{- end }}
 {{- end }}
 
+{{- define "melange-operator.leaseName" -}}
+{{- default (include "melange-operator.fullname" .) .Values.leaderElection.leaseName }}
+{{- end }}
+
+{{- /* `resource.group` of a clusterScopedTargets entry, as (dict "resource" ... "group" ...). */ -}}
+{{- define "melange-operator.resourceGroup" -}}
+{{- $parts := splitn "." 2 . }}
+{{- dict "resource" $parts._0 "group" $parts._1 | toJson }}
+{{- end }}
+
 {{- define "melange-operator.image" -}}
 {{- if .Values.image.digest }}
 {{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
@@ -55,9 +65,9 @@ helm.sh/chart: {{ include "melange-operator.chart" . }}
 
 {{- /*
 What the operator does with the API, and nothing more:
-- allocations: Kopf lists and watches them, and merge-patches their annotations (the last handled
-  spec and handler progress, under melange.dev/); the operator writes status through /status;
-- events: Kopf posts core v1 Events (create only);
+- allocations: Kopf lists and watches them (an index, no handlers that write: no annotations, no
+  finalizer); the operator's one writer patches their status through /status;
+- events: the operator posts core v1 Events (create; patch for updates of an Event series);
 - each scale target: get+patch on <resource>/scale, or get+patch on the object itself for kinds
   whose replica count the operator sets through spec.gpus[].replicasPath;
 - optionally, the Secrets and ConfigMaps that hold a Prometheus rate source's token and CA.
@@ -65,13 +75,13 @@ What the operator does with the API, and nothing more:
 {{- define "melange-operator.rules" -}}
 - apiGroups: ["melange.dev"]
   resources: ["melangeallocations"]
-  verbs: ["list", "watch", "patch"]
+  verbs: ["list", "watch"]
 - apiGroups: ["melange.dev"]
   resources: ["melangeallocations/status"]
   verbs: ["patch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "patch"]
 {{- range .Values.rbac.scaleTargets }}
 - apiGroups: [{{ .apiGroup | quote }}]
   {{- if eq (default "scale" .via) "scale" }}
