@@ -21,7 +21,7 @@ if os.environ.get("CI"):
 
 @pytest.fixture(scope="session")
 def control_plane() -> Iterator[ControlPlane]:
-    with ControlPlane() as cp:
+    with ControlPlane(audit=True) as cp:
         yield cp
 
 

@@ -36,7 +36,7 @@ from base64 import b64encode
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any
 
 import yaml
 from cryptography import x509
@@ -61,6 +61,17 @@ ADMIN_USER = "melange-admin"
 ADMIN_GROUP = "system:masters"
 #: How much of each process log goes into a startup error.
 _LOG_TAIL_CHARS = 6000
+
+
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Request
+  verbs: ["create", "update", "patch", "delete"]
+- level: None
+"""
 
 
 class ControlPlaneError(RuntimeError):
@@ -275,6 +286,7 @@ class ControlPlane:
         startup_timeout: float = 90.0,
         stop_timeout: float = 15.0,
         extra_apiserver_args: list[str] | None = None,
+        audit: bool = False,
     ) -> None:
         """Locate the binaries now, so a missing build fails before anything starts.
 
@@ -289,6 +301,8 @@ class ControlPlane:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.extra_apiserver_args = list(extra_apiserver_args or [])
+        self.audit = audit
+        self.audit_log = Path()
 
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._etcd: _Process | None = None
@@ -383,6 +397,7 @@ class ControlPlane:
                 "--disable-admission-plugins=ServiceAccount",
                 "--allow-privileged=true",
                 "--profiling=false",
+                *self._audit_args(),
                 *self.extra_apiserver_args,
             ],
             self.workdir / "kube-apiserver.log",
@@ -401,6 +416,28 @@ class ControlPlane:
             self._tmp = None
 
     # -- helpers -----------------------------------------------------------------
+
+    def _audit_args(self) -> list[str]:
+        """With `audit`: every write (with its request body) goes to `audit_log`, one JSON line each;
+        the way tests count who wrote what (the user agent names the writer)."""
+        if not self.audit:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(AUDIT_POLICY)
+        self.audit_log = self.workdir / "audit.log"
+        return [
+            f"--audit-policy-file={policy}",
+            f"--audit-log-path={self.audit_log}",
+            "--audit-log-format=json",
+            "--audit-log-mode=blocking",
+        ]
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """The audit log's events so far (writes only, at the ResponseComplete stage)."""
+        if not self.audit_log.is_file():
+            return []
+        lines = self.audit_log.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
     def env(self) -> dict[str, str]:
         """Environment for subprocesses (kubectl, helm, ``kopf run``) that use this cluster."""

@@ -166,6 +166,16 @@ class Kube:
     def resource_version(self, kind: tuple[str, str], name: str, namespace: str) -> str:
         return str(self.get(kind, name, namespace)["metadata"]["resourceVersion"])
 
+    def lease(self, name: str, namespace: str) -> dict[str, Any] | None:
+        """The Lease's spec (holderIdentity, acquireTime, ...), or None when there is none."""
+        try:
+            lease = client.CoordinationV1Api(self.api_client).read_namespaced_lease(name, namespace)
+        except client.exceptions.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(lease.spec.to_dict()) if lease.spec is not None else {}
+
     # -- allocations ---------------------------------------------------------------------------
 
     def allocation(self, name: str, namespace: str) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import sys
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from tests.controlplane.harness import ControlPlane
 
@@ -56,10 +56,20 @@ def _free_port() -> int:
 class OperatorProcess:
     """`melange run` as a user starts it, watching one namespace, with its log kept for failures."""
 
-    def __init__(self, control_plane: ControlPlane, namespace: str, log_dir: Path) -> None:
+    def __init__(
+        self,
+        control_plane: ControlPlane,
+        namespace: str,
+        log_dir: Path,
+        identity: str = "melange-test",
+        extra_args: tuple[str, ...] = ("--resync-seconds", "3"),
+    ) -> None:
         self.control_plane = control_plane
         self.namespace = namespace
-        self.log_path = log_dir / "operator.log"
+        self.identity = identity
+        self.extra_args = extra_args
+        self.user_agent = f"melange-operator/{identity}"
+        self.log_path = log_dir / f"operator-{identity}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.metrics_url = ""
@@ -88,6 +98,12 @@ class OperatorProcess:
                 str(metrics_port),
                 "--metrics-address",
                 "127.0.0.1",
+                # the Lease in the test's namespace: tests do not wait on each other's
+                "--lease-namespace",
+                self.namespace,
+                "--identity",
+                self.identity,
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -96,12 +112,33 @@ class OperatorProcess:
 
         wait_healthy(self.process, f"http://127.0.0.1:{port}/healthz", self.log)
 
+    def writes(self) -> list[dict[str, Any]]:
+        """Every write this operator made, from the API server's audit log (by user agent)."""
+        return [
+            e for e in self.control_plane.audit_events() if e.get("userAgent") == self.user_agent
+        ]
+
     def stop(self) -> None:
         terminate(self.process)
         self.process = None
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def kill(self) -> None:
+        """SIGKILL: no clean-up, no Lease release, as a node failure would."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.stop()
+
+    def pause(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         self.stop()

@@ -15,7 +15,7 @@ from melange import api
 from melange.plan import solver
 from tests.specs import with_value
 
-from .kube import REPO, Kinds, Kube, eventually, reasons
+from .kube import CRD_FILE, REPO, Kinds, Kube, eventually, reasons
 from .operator_process import OperatorProcess
 
 pytestmark = pytest.mark.e2e
@@ -128,9 +128,9 @@ def test_reconciles_every_kind_of_node_pool(
         assert sum(s["fraction"] for s in bucket["shares"]) == pytest.approx(1.0)
     scaled = [e for e in kube.events(namespace, "chat") if e["reason"] == "Scaled"]
     assert sorted(e["message"] for e in scaled) == [
-        "Deployment/pool-l4 (L4): 5 -> 2",
-        "MachineDeployment/pool-a100 (A100): 5 -> 1",
-        "NodePool/pool-h100 (H100): 5 -> 0",
+        "Deployment/pool-l4 (L4): 5 -> 2 (Create)",
+        "MachineDeployment/pool-a100 (A100): 5 -> 1 (Create)",
+        "NodePool/pool-h100 (H100): 5 -> 0 (Create)",
     ]
 
     table = kube.table(namespace)
@@ -170,7 +170,7 @@ def test_rate_change_repatches_and_restart_patches_nothing(
     # The restarted operator resumes the allocation (a fresh solve and status write) ...
     eventually(
         lambda: _assert_equal(
-            "Resuming is processed: 1 succeeded" in operator.log(since_start=2), True
+            "/chat] Reconciled (resume): Ready=True" in operator.log(since_start=2), True
         )
     )
     wait_ready(kube, "chat", namespace)
@@ -179,14 +179,40 @@ def test_rate_change_repatches_and_restart_patches_nothing(
     assert pool_replicas(kube, namespace) == expected
 
 
-def test_invalid_spec_sets_condition_and_touches_nothing(
+def _without_rule(crd: dict[str, Any], text: str) -> dict[str, Any]:
+    """The CRD with the spec-level CEL rule that mentions `text` left out."""
+    loose = copy.deepcopy(crd)
+    spec = loose["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = spec["x-kubernetes-validations"]
+    spec["x-kubernetes-validations"] = [r for r in rules if text not in r["rule"]]
+    assert len(spec["x-kubernetes-validations"]) == len(rules) - 1
+    return loose
+
+
+def _create_accepted(kube: Kube, body: dict[str, Any], namespace: str) -> None:
+    """Create; a refusal by the rule just removed means the API server has not caught up yet."""
+    try:
+        kube.create(body, namespace)
+    except UnprocessibleEntityError as exc:
+        raise AssertionError(str(exc)) from None
+
+
+def test_an_allocation_stored_before_a_stricter_crd_sets_condition_and_touches_nothing(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
+    """The API server refuses a zero distribution today; one stored under an older CRD without
+    that rule is still read, and the operator refuses it the same way (its model and the CRD agree)."""
     make_pools(kube, namespace, replicas=4)
     versions = pool_versions(kube, namespace)
     bad = copy.deepcopy(SPEC)
-    bad["workload"]["distribution"] = [[0, 0], [0, 0], [0, 0]]  # CEL cannot sum; the operator can
-    kube.create(manifest("bad", bad), namespace)
+    bad["workload"]["distribution"] = [[0, 0], [0, 0], [0, 0]]
+    (crd,) = [d for d in yaml.safe_load_all(CRD_FILE.read_text()) if d]
+    try:
+        kube.apply(_without_rule(crd, "distribution.exists"))
+        eventually(lambda: _create_accepted(kube, manifest("bad", bad), namespace))
+    finally:
+        kube.apply(crd)
+        kube.wait_established(crd["metadata"]["name"])
     condition = wait_ready(kube, "bad", namespace, status="False", reason="InvalidSpec")
     assert (
         condition["message"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from melange import api
 from melange.api import conditions
 from melange.api.conditions import Condition
@@ -95,10 +97,20 @@ def test_desired_replicas_respect_bounds() -> None:
     assert decide.desired_replicas(bounded, _plan(L4=4)) == {"L4": 4, "A100": 3}
 
 
-def test_missing_scale_target_is_an_operator_error() -> None:
+def test_an_allocation_object_needs_a_scale_target_a_bare_spec_does_not() -> None:
     allocation = spec(scaleTargetRef=None)
-    errors = decide.operator_errors(allocation)
+    errors = api.resource_errors(allocation)
     assert [str(e) for e in errors] == ["spec.gpus[1].scaleTargetRef: is required"]
+    manifest = {
+        "apiVersion": "melange.dev/v1alpha1",
+        "kind": "MelangeAllocation",
+        "metadata": {"name": "chat"},
+        "spec": allocation.model_dump(by_alias=True, exclude_none=True),
+    }
+    with pytest.raises(api.SpecError) as caught:
+        api.parse_document(manifest)  # what `melange solve` reads: refused as the API server does
+    assert [str(e) for e in caught.value.errors] == ["spec.gpus[1].scaleTargetRef: is required"]
+    assert api.parse_document({"spec": manifest["spec"]}).spec == allocation
 
 
 def test_plan_status_fields() -> None:

@@ -40,6 +40,7 @@ class ScaleOutcome:
     previous: int | None = None  # None when it could not be read
     patched: bool = False
     error: str | None = None
+    kept: int | None = None  # left at this count after an outside change (policy Observe)
 
 
 def target_name(gpu: GpuType) -> str:
@@ -47,56 +48,12 @@ def target_name(gpu: GpuType) -> str:
     return f"{ref.kind}/{ref.name}" if ref else f"(no scaleTargetRef for {gpu.name})"
 
 
-def operator_errors(spec: AllocationSpec) -> list[FieldError]:
-    """Rules the operator adds to the spec's own: every GPU type needs a node pool to scale, and a
-    rate source needs a query (its own, or the default one for a model)."""
-    errors = [
-        FieldError(f"spec.gpus[{k}].scaleTargetRef", "is required")
-        for k, gpu in enumerate(spec.gpus)
-        if gpu.scale_target_ref is None
-    ]
-    return errors + rate_source_errors(spec)
-
-
-def rate_source_errors(spec: AllocationSpec) -> list[FieldError]:
-    source = spec.rate_source
-    follow = spec.workload.from_prometheus
-    if source is None:
-        if follow is None:
-            return []
-        return [
-            FieldError(
-                "spec.workload.fromPrometheus",
-                "needs spec.rateSource (its Prometheus, credentials and interval are used)",
-            )
-        ]
-    prometheus, path = source.prometheus, "spec.rateSource.prometheus"
-    errors = []
-    if follow is not None and follow.model_name is None and prometheus.model_name is None:
-        errors.append(
-            FieldError(
-                "spec.workload.fromPrometheus.modelName",
-                "is required when spec.rateSource.prometheus has no modelName (the token "
-                "histograms are selected by vLLM's model_name label)",
-            )
-        )
-    if (prometheus.query is None) == (prometheus.model_name is None):
-        errors.append(FieldError(path, "set exactly one of query and modelName"))
-    if prometheus.range_seconds is not None and prometheus.model_name is None:
-        errors.append(
-            FieldError(
-                f"{path}.rangeSeconds", "applies to the default query, which needs modelName"
-            )
-        )
-    return errors
-
-
 def rate_query(source: RateSource) -> str:
     """The PromQL the operator runs: the spec's own, or vLLM's request rate for `modelName`."""
     prometheus = source.prometheus
     if prometheus.query is not None:
         return prometheus.query
-    assert prometheus.model_name is not None  # checked by rate_source_errors
+    assert prometheus.model_name is not None  # checked by the spec's own rules
     return rates.default_query(
         prometheus.model_name, prometheus.range_seconds or rates.DEFAULT_RANGE_SECONDS
     )
@@ -191,25 +148,27 @@ def plan_status(plan: Plan, now: datetime) -> dict[str, Any]:
 
 def invalid_conditions(errors: Sequence[FieldError]) -> list[Condition]:
     message = "; ".join(str(e) for e in errors)
-    return [
-        Condition(READY, "False", "InvalidSpec", message),
-        Condition(SOLVED, "False", "InvalidSpec", "the spec is invalid; nothing was solved"),
-        Condition(SCALED, "Unknown", "InvalidSpec", "node pools were left as they are"),
-    ]
+    return with_ready(
+        [
+            Condition(SOLVED, "False", "InvalidSpec", message),
+            Condition(SCALED, "Unknown", "InvalidSpec", "node pools were left as they are"),
+        ]
+    )
 
 
 def infeasible_conditions(plan: Plan) -> list[Condition]:
     """No plan to act on: proven `Infeasible`, or `Unsolved` (time ran out with neither a plan nor a
     proof); the reason says which, and the pools stay as they are."""
     message = plan.reason or "no plan serves the workload"
-    return [
-        Condition(READY, "False", plan.status, message),
-        Condition(SOLVED, "False", plan.status, message),
-        Condition(SCALED, "Unknown", plan.status, "node pools were left as they are"),
-    ]
+    return with_ready(
+        [
+            Condition(SOLVED, "False", plan.status, message),
+            Condition(SCALED, "Unknown", plan.status, "node pools were left as they are"),
+        ]
+    )
 
 
-def _solved_condition(plan: Plan) -> Condition:
+def solved_condition(plan: Plan) -> Condition:
     gap = plan.gap or 0.0
     cost = plan.cost_per_hour or 0.0
     verdict = "optimal" if plan.status == "Optimal" else "best found within the time limit"
@@ -224,26 +183,190 @@ def _solved_condition(plan: Plan) -> Condition:
 
 def plan_conditions(plan: Plan, outcomes: Sequence[ScaleOutcome], dry_run: bool) -> list[Condition]:
     """Conditions after a successful solve: Solved, then Scaled from the per-pool outcomes."""
-    solved = _solved_condition(plan)
+    return with_ready([solved_condition(plan), scaled_condition(outcomes, dry_run)])
+
+
+def scaled_condition(outcomes: Sequence[ScaleOutcome], dry_run: bool) -> Condition:
     if dry_run:
-        return [
-            Condition(
-                READY, "True", "DryRun", "planned; dryRun is set, so no node pool is patched"
-            ),
-            solved,
-            Condition(SCALED, "False", "DryRun", "dryRun is set: no node pool was patched"),
-        ]
+        return Condition(SCALED, "False", "DryRun", "dryRun is set: no node pool was patched")
     failed = [o for o in outcomes if o.error]
     if failed:
         message = "; ".join(f"{o.target} ({o.gpu}): {o.error}" for o in failed)
-        return [
-            Condition(READY, "False", "ScaleFailed", message),
-            solved,
-            Condition(SCALED, "False", "ScaleFailed", message),
-        ]
+        return Condition(SCALED, "False", "ScaleFailed", message)
+    kept = [o for o in outcomes if o.kept is not None]
+    if kept:
+        message = "; ".join(
+            f"{o.target} ({o.gpu}) is at {o.kept}, the plan says {o.desired} (policy Observe)"
+            for o in kept
+        )
+        return Condition(SCALED, "False", "OutsideChange", message)
     summary = ", ".join(f"{o.gpu}={o.desired}" for o in outcomes)
+    return Condition(SCALED, "True", "Scaled", f"node pools match the plan: {summary}")
+
+
+# -- ownership of node pools ----------------------------------------------------------------------
+
+TargetKey = tuple[str, str, str, str]  # (namespace, or "" when cluster-scoped; group; kind; name)
+AllocationKey = tuple[str, str]  # (namespace, name)
+RECENT_PATCHES = 10
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One allocation's claim on its targets; the earliest created (then by name) owns a target."""
+
+    allocation: AllocationKey
+    created: str  # metadata.creationTimestamp, RFC 3339 (sorts as time)
+    targets: tuple[TargetKey, ...]
+
+
+def target_conflicts(mine: Claim, claims: Sequence[Claim]) -> list[tuple[TargetKey, AllocationKey]]:
+    """The targets of `mine` that an earlier allocation already claims, with that allocation.
+
+    The order is by creation, so the verdict is the same on every replica and after restarts,
+    and the allocation that came first keeps its pools.
+    """
+    rank = (mine.created, mine.allocation)
+    owners: dict[TargetKey, tuple[tuple[str, AllocationKey], AllocationKey]] = {}
+    for claim in claims:
+        if claim.allocation == mine.allocation:
+            continue
+        for target in claim.targets:
+            here = (claim.created, claim.allocation)
+            if target not in owners or here < owners[target][0]:
+                owners[target] = (here, claim.allocation)
     return [
-        Condition(READY, "True", "Reconciled", f"node pools match the plan: {summary}"),
-        solved,
-        Condition(SCALED, "True", "Scaled", f"node pools match the plan: {summary}"),
+        (target, owners[target][1])
+        for target in dict.fromkeys(mine.targets)
+        if target in owners and owners[target][0] < rank
     ]
+
+
+def describe_target(target: TargetKey) -> str:
+    namespace, _, kind, name = target
+    return f"{kind}/{name}" + (f" in namespace {namespace}" if namespace else " (cluster-scoped)")
+
+
+def conflict_condition(conflicts: Sequence[tuple[TargetKey, AllocationKey]]) -> Condition:
+    message = "; ".join(
+        f"{describe_target(target)} belongs to MelangeAllocation {owner[0]}/{owner[1]}"
+        for target, owner in conflicts
+    )
+    return Condition(SCALED, "False", "TargetConflict", f"{message}; nothing was patched")
+
+
+def not_allowed_condition(messages: Sequence[str]) -> Condition:
+    text = "; ".join(messages)
+    return Condition(SCALED, "False", "TargetNotAllowed", f"{text}; nothing was patched")
+
+
+@dataclass(frozen=True)
+class PoolRecord:
+    """What the operator last knew of a pool: the target, the count it wanted and the count seen."""
+
+    target: str
+    desired: int
+    observed: int
+
+
+@dataclass(frozen=True)
+class PoolAction:
+    patch: bool
+    outside: bool  # the pool moved since the operator last saw or set it
+    reason: str  # why it is patched (or, with `outside` and no patch, why it is left)
+
+
+def pool_action(
+    current: int, desired: int, record: PoolRecord | None, policy: str, target: str, trigger: str
+) -> PoolAction:
+    """Patch, leave, or only report one pool.
+
+    An outside change is a count different from the one the operator last saw or set on this same
+    target. `Enforce` sets it back to the plan; `Observe` leaves it, and patches only when the plan
+    asks for a count it has not asked for before.
+    """
+    same = record is not None and record.target == target
+    outside = same and record is not None and current != record.observed
+    if current == desired:
+        return PoolAction(False, False, "")
+    if policy == "Observe" and same and record is not None and record.desired == desired:
+        return PoolAction(False, outside, "OutsideChange")
+    return PoolAction(True, outside, "OutsideChange" if outside else trigger)
+
+
+def pool_records(status: Mapping[str, Any]) -> dict[str, PoolRecord]:
+    """The records persisted in `status.targets`, by GPU name (malformed entries are ignored)."""
+    records = {}
+    for entry in status.get("targets") or ():
+        if not isinstance(entry, Mapping):
+            continue
+        name, target = entry.get("name"), entry.get("target")
+        desired, observed = entry.get("desiredReplicas"), entry.get("observedReplicas")
+        if (
+            isinstance(name, str)
+            and isinstance(target, str)
+            and isinstance(desired, int)
+            and isinstance(observed, int)
+        ):
+            records[name] = PoolRecord(target, desired, observed)
+    return records
+
+
+def targets_status(records: Mapping[str, PoolRecord], policies: Mapping[str, str]) -> list[Any]:
+    return [
+        {
+            "name": gpu,
+            "target": record.target,
+            "policy": policies.get(gpu, "Enforce"),
+            "desiredReplicas": record.desired,
+            "observedReplicas": record.observed,
+        }
+        for gpu, record in records.items()
+    ]
+
+
+def recent_patches(
+    before: Any, patched: Sequence[ScaleOutcome], reasons: Mapping[str, str], now: datetime
+) -> list[dict[str, Any]]:
+    """The last few patches, newest first, each with its reason: `kubectl describe` says why."""
+    entries = [
+        {
+            "time": timestamp(now),
+            "name": o.gpu,
+            "target": o.target,
+            "from": o.previous,
+            "to": o.desired,
+            "reason": reasons.get(o.gpu, "Plan"),
+        }
+        for o in patched
+        if o.patched
+    ]
+    kept = [dict(e) for e in before if isinstance(e, Mapping)] if isinstance(before, list) else []
+    return (entries + kept)[:RECENT_PATCHES]
+
+
+def outside_change_message(
+    outcome: ScaleOutcome, observed: int, record: PoolRecord, kept: bool
+) -> str:
+    what = f"{outcome.target} ({outcome.gpu}) was changed from {record.observed} to {observed} by another writer"
+    if kept:
+        return f"{what}; policy Observe: left at {observed} (the plan says {outcome.desired})"
+    return f"{what}; set back to {outcome.desired}"
+
+
+def with_ready(updates: Sequence[Condition]) -> list[Condition]:
+    """Ready derived from the others: True only when the plan is solved and the pools match it."""
+    by_type = {c.type: c for c in updates}
+    solved, scaled = by_type.get(SOLVED), by_type.get(SCALED)
+    if scaled is not None and scaled.reason == "DryRun" and solved is not None:
+        ready = Condition(
+            READY, "True", "DryRun", "planned; dryRun is set, so no node pool is patched"
+        )
+    else:
+        failing = next((c for c in (solved, scaled) if c is not None and c.status != "True"), None)
+        if failing is not None:
+            ready = Condition(READY, "False", failing.reason, failing.message)
+        else:
+            assert scaled is not None
+            ready = Condition(READY, "True", "Reconciled", scaled.message)
+    return [ready, *(c for c in updates if c.type != READY)]

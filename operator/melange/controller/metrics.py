@@ -99,6 +99,18 @@ RATE_QUERIES = Counter(
     [*ALLOCATION, "result"],
     registry=REGISTRY,
 )
+OUTSIDE_CHANGES = Counter(
+    "melange_outside_changes",
+    "Replica counts of node pools changed by another writer, by what the operator did (reverted, "
+    "observed: left as it is under policy Observe).",
+    [*ALLOCATION, "gpu", "action"],
+    registry=REGISTRY,
+)
+LEADER = Gauge(
+    "melange_leader",
+    "1 while this replica holds the leader Lease and may write, else 0.",
+    registry=REGISTRY,
+)
 
 _PER_ALLOCATION: tuple[Gauge, ...] = (
     PLAN_COST,
@@ -124,6 +136,15 @@ def record_plan(namespace: str, allocation: str, plan: Plan, trigger: str) -> No
 
 def record_patch(namespace: str, allocation: str, gpu: str, ok: bool) -> None:
     SCALE_PATCHES.labels(namespace, allocation, gpu, "patched" if ok else "failed").inc()
+
+
+def record_outside_change(namespace: str, allocation: str, gpu: str, reverted: bool) -> None:
+    action = "reverted" if reverted else "observed"
+    OUTSIDE_CHANGES.labels(namespace, allocation, gpu, action).inc()
+
+
+def record_leader(leading: bool) -> None:
+    LEADER.set(1 if leading else 0)
 
 
 def record_error(namespace: str, allocation: str, reason: str) -> None:

@@ -1,44 +1,41 @@
-"""Kopf handlers: thin glue between the cluster and the reconcile.
+"""Kopf: the watch stream as an index of allocations, and the start and stop of the controller.
 
-When an allocation is created, when its spec changes and when the operator (re)starts, the handler
-runs `reconciler.reconcile_core` and Kopf writes the status. Allocations with a `spec.rateSource`
-are also kept in a Kopf index for the rate loop (`ratewatch`), started and stopped here.
-
-There are no delete handlers that need one, no timers and no daemons, so Kopf puts no finalizer on
-allocations: deleting one never waits for the operator, and leaves the node pools as they are.
+No resource-changing handlers, timers or daemons: Kopf writes nothing to allocations (no
+finalizer, no progress or last-handled annotations) and deleting one never waits for the
+operator. The controller (`melange.controller.loop`) does all reconciling and is the one writer.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import copy
-import os
-from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
-from datetime import UTC, datetime
 from typing import Any
 
 import kopf
 
 from melange.controller import metrics
-from melange.controller.kube.scale import Scaler, new_api_client
-from melange.controller.ratewatch import COMPONENT, GROUP, PLURAL, VERSION, Key, RateRuntime
-from melange.controller.reconciler import reconcile_core
+from melange.controller.kube.client import (
+    COMPONENT,
+    GROUP,
+    PLURAL,
+    VERSION,
+    KubeClient,
+    new_api_client,
+)
+from melange.controller.lease import LeaderElector
+from melange.controller.loop import Controller, Key
+from melange.controller.settings import RunSettings
 
-SCALE_RETRY_SECONDS = 15.0
+WAKE_DELAY_SECONDS = 0.05  # after Kopf has stored the new body in the index
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    """Names fixed on day one: changing storage later would make every object look unhandled."""
-    settings.persistence.progress_storage = kopf.SmartProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    run: RunSettings = memo["run"]
+    allocations: kopf.Index[Key, Any] = kwargs["allocations"]  # the index below, by its name
     settings.posting.reporting_component = COMPONENT
-    settings.posting.reporting_instance = os.environ.get("HOSTNAME", COMPONENT)
-    settings.posting.event_name_prefix = "melange-"
+    settings.posting.reporting_instance = run.identity
+    settings.posting.enabled = False  # Events come from the controller's one path only
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 5
@@ -46,105 +43,57 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # The CRD is installed before the operator (the chart's crds/), and namespaces are named, not
     # patterns: no run-time watching of CRDs and namespaces, so no cluster-wide RBAC for them.
     settings.scanning.disabled = True
-    if "scaler" not in memo:
-        memo["scaler"] = Scaler(new_api_client(os.environ.get("KUBECONFIG")))
+
+    api_client = new_api_client(run.kubeconfig, user_agent=f"{COMPONENT}/{run.identity}")
+    elector: LeaderElector | None = None
+    kube = KubeClient(api_client, run.identity)
+    if run.leader_elect:
+        elector = LeaderElector(kube, run.lease_namespace, run.lease_name, run.identity)
+        kube.may_write = elector.leading
+    controller = Controller(
+        allocations, kube, kube.may_write if elector is not None else lambda: True, run.controller
+    )
+    memo["controller"], memo["elector"] = controller, elector
+    if elector is not None:
+        elector.on_change = controller.leadership_changed
+        elector.start()
+    else:
+        metrics.record_leader(True)
+    controller.start()
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    """Finish the reconciles in flight, then release the Lease so a standby takes over at once."""
+    controller: Controller | None = memo.get("controller")
+    if controller is not None:
+        await controller.stop()
+    elector: LeaderElector | None = memo.get("elector")
+    if elector is not None:
+        await elector.stop()
 
 
 @kopf.on.login()
 def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster service account first, else the kubeconfig; Kopf's own readers, no client library."""
+    """In-cluster service account first, else the kubeconfig; Kopf's own readers."""
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def reconcile_allocation(
-    body: kopf.Body,
-    spec: kopf.Spec,
-    status: kopf.Status,
-    meta: kopf.Meta,
-    namespace: str | None,
-    patch: kopf.Patch,
-    memo: kopf.Memo,
-    logger: kopf.Logger,
-    name: str | None,
-    reason: Any,
-    **_: Any,
-) -> None:
-    assert namespace is not None  # the CRD is namespaced
-    assert name is not None
-    runtime: RateRuntime | None = memo.get("rates")
-    state = runtime.state_for((namespace, name), body) if runtime is not None else None
-    lock: AbstractAsyncContextManager[Any] = (
-        state.lock if state is not None else contextlib.nullcontext()
-    )
-    async with lock:
-        result = await reconcile_core(
-            namespace=namespace,
-            name=name,
-            raw_spec=spec,
-            status=state.view(status) if state is not None else status,
-            generation=int(meta.get("generation") or 0),
-            trigger=str(getattr(reason, "value", reason)),
-            scaler=memo["scaler"],
-            logger=logger,
-            now=datetime.now(UTC),
-            rate=state.plan_rate() if state is not None else None,
-            rate_condition=state.condition if state is not None else None,
-            distribution=state.plan_distribution() if state is not None else None,
-            distribution_condition=state.distribution_condition if state is not None else None,
-        )
-        if state is not None:
-            state.record(result)
-    for key, value in result.status.items():
-        patch.status[key] = value
-    for event in result.events:
-        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-    if result.failed:
-        raise kopf.TemporaryError(
-            "; ".join(f"{o.target}: {o.error}" for o in result.failed), delay=SCALE_RETRY_SECONDS
-        )
-
-
-@kopf.on.delete(GROUP, VERSION, PLURAL, optional=True)
-def forget_allocation(spec: kopf.Spec, namespace: str | None, name: str | None, **_: Any) -> None:
-    """Optional: no finalizer. If the operator misses the deletion, only stale gauges remain."""
-    gpus = [g.get("name", "") for g in spec.get("gpus") or [] if isinstance(g, Mapping)]
-    metrics.forget(str(namespace), str(name), gpus)
-
-
-# -- the rate loop --------------------------------------------------------------------------------
-
-
-def _has_rate_source(spec: kopf.Spec, **_: Any) -> bool:
-    return isinstance(spec.get("rateSource"), Mapping)
-
-
-@kopf.index(GROUP, VERSION, PLURAL, when=_has_rate_source)
-def rate_sources(
-    body: kopf.Body, namespace: str | None, name: str | None, **_: Any
+@kopf.index(GROUP, VERSION, PLURAL)
+async def allocations(
+    body: kopf.Body, namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any
 ) -> dict[Key, dict[str, Any]]:
-    """Allocations with a rate source, as last seen on the watch stream (spec and status)."""
+    """Every allocation as last seen on the watch stream; a change wakes the controller."""
+    controller: Controller | None = memo.get("controller")
+    if controller is not None:
+        asyncio.get_running_loop().call_later(WAKE_DELAY_SECONDS, controller.wake)
+    metadata = body.get("metadata", {})
     return {
         (str(namespace), str(name)): {
-            "uid": body.get("metadata", {}).get("uid"),
-            "generation": int(body.get("metadata", {}).get("generation") or 0),
+            "uid": metadata.get("uid"),
+            "generation": int(metadata.get("generation") or 0),
+            "created": metadata.get("creationTimestamp"),
             "spec": copy.deepcopy(dict(body.get("spec") or {})),
             "status": copy.deepcopy(dict(body.get("status") or {})),
         }
     }
-
-
-@kopf.on.startup()
-async def start_rate_loop(memo: kopf.Memo, **kwargs: Any) -> None:
-    runtime = RateRuntime(kwargs["rate_sources"], memo)  # the index above, by its name
-    memo["rates"] = runtime
-    runtime.start()
-
-
-@kopf.on.cleanup()
-async def stop_rate_loop(memo: kopf.Memo, **_: Any) -> None:
-    runtime: RateRuntime | None = memo.get("rates")
-    if runtime is not None:
-        await runtime.stop()

@@ -1,0 +1,409 @@
+"""The operator's one Kubernetes client: node-pool replicas, allocation status, Events, Secrets,
+and the leader Lease.
+
+Blocking calls of the `kubernetes` package (its dynamic client resolves any kind through
+discovery); the controller runs them in worker threads. Every write carries the field manager
+`melange-operator` and a user agent naming this replica, and is refused here, just before it is
+sent, when `may_write` says this replica no longer leads: a replica that lost its Lease never
+writes. Errors come back as one plain sentence that names the object, for conditions and Events.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+from kubernetes.dynamic.exceptions import (
+    ConflictError,
+    ForbiddenError,
+    NotFoundError,
+    ResourceNotFoundError,
+    ResourceNotUniqueError,
+)
+
+from melange import api
+from melange.controller.errors import NotLeader, ScaleError, StatusGone
+from melange.controller.lease import LeaseRecord
+from melange.signals.rates import CredentialsUnavailable
+
+FIELD_MANAGER = "melange-operator"
+COMPONENT = "melange-operator"
+GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, "melangeallocations"
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+CONFLICT_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class Replicas:
+    """A pool's replica count as read, with the version it was read at (the write's precondition)."""
+
+    value: int | None  # None: the field at replicasPath is not set
+    resource_version: str | None
+
+
+@dataclass(frozen=True)
+class Change:
+    previous: int
+    current: int
+
+    @property
+    def patched(self) -> bool:
+        return self.previous != self.current
+
+
+def new_api_client(kubeconfig: str | None = None, user_agent: str | None = None) -> k8s.ApiClient:
+    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube)."""
+    configuration = k8s.Configuration()
+    try:
+        k8s_config.load_incluster_config(client_configuration=configuration)
+    except k8s_config.ConfigException:
+        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    api_client = k8s.ApiClient(configuration)
+    if user_agent:
+        api_client.user_agent = user_agent
+    return api_client
+
+
+def kubeconfig_namespace(kubeconfig: str | None) -> str | None:
+    """The namespace of the kubeconfig's current context, if it names one."""
+    with contextlib.suppress(Exception):
+        _, context = k8s_config.list_kube_config_contexts(config_file=kubeconfig)
+        namespace = (context or {}).get("context", {}).get("namespace")
+        return str(namespace) if namespace else None
+    return None
+
+
+def _pointer_get(document: Any, pointer: str) -> Any:
+    node = document
+    for part in pointer.strip("/").split("/"):
+        key = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _reason(exc: ApiException) -> str:
+    """The API server's own message (Status.message) when it gave one."""
+    body = getattr(exc, "body", None)
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    if isinstance(body, str):
+        with contextlib.suppress(ValueError):
+            message = json.loads(body).get("message")
+            if message:
+                return str(message)
+    return str(getattr(exc, "reason", "") or exc)
+
+
+def resource_key(api_version: str, kind: str) -> tuple[str, str]:
+    """(API group, kind): what identifies a kind across its versions."""
+    return (api_version.rpartition("/")[0], kind)
+
+
+class KubeClient:
+    """All of the operator's reads and writes. `may_write` is asked right before every write."""
+
+    def __init__(
+        self,
+        api_client: k8s.ApiClient,
+        identity: str,
+        may_write: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.identity = identity
+        self.may_write = may_write
+        self._dynamic = DynamicClient(api_client)
+        self._core = k8s.CoreV1Api(api_client)
+        self._custom = k8s.CustomObjectsApi(api_client)
+        self._coordination = k8s.CoordinationV1Api(api_client)
+
+    def _guard(self) -> None:
+        if not self.may_write():
+            raise NotLeader("this replica does not hold the leader Lease")
+
+    # -- scale targets
+
+    def _resource(self, ref: api.ObjectReference) -> Any:
+        for attempt in range(2):
+            try:
+                return self._dynamic.resources.get(api_version=ref.api_version, kind=ref.kind)
+            except (ResourceNotFoundError, ResourceNotUniqueError):
+                if attempt == 0:  # a CRD installed after start-up: look again before giving up
+                    self._dynamic.resources.invalidate_cache()
+        raise ScaleError(f"the API server serves no kind {ref.kind} in {ref.api_version}")
+
+    def scope(self, ref: api.ObjectReference) -> tuple[str, bool]:
+        """(`resource.group`, namespaced) of the target's kind, from discovery."""
+        resource = self._resource(ref)
+        group = resource_key(ref.api_version, ref.kind)[0]
+        name = f"{resource.name}.{group}" if group else str(resource.name)
+        return name, bool(resource.namespaced)
+
+    def read_replicas(
+        self, namespace: str | None, ref: api.ObjectReference, replicas_path: str | None
+    ) -> Replicas:
+        """The replica count; `namespace` None for a cluster-scoped kind."""
+        resource = self._resource(ref)
+        where = f"in namespace {namespace}" if namespace else "(cluster-scoped)"
+        try:
+            if replicas_path:
+                obj = self._dynamic.get(resource, name=ref.name, namespace=namespace).to_dict()
+                value = _pointer_get(obj, replicas_path)
+                if value is not None and not isinstance(value, int):
+                    raise ScaleError(f"{replicas_path} is not an integer: {value!r}")
+                return Replicas(value, (obj.get("metadata") or {}).get("resourceVersion"))
+            scale = self._scale_subresource(resource, ref)
+            obj = self._dynamic.get(scale, name=ref.name, namespace=namespace).to_dict()
+            return Replicas(
+                int((obj.get("spec") or {}).get("replicas") or 0),
+                (obj.get("metadata") or {}).get("resourceVersion"),
+            )
+        except NotFoundError:
+            raise ScaleError(f"not found {where}") from None
+        except ForbiddenError as exc:
+            raise ScaleError(f"forbidden: {_reason(exc)}") from None
+        except ApiException as exc:
+            raise ScaleError(f"cannot read: {_reason(exc)}") from None
+
+    def _scale_subresource(self, resource: Any, ref: api.ObjectReference) -> Any:
+        scale = resource.subresources.get("scale")
+        if scale is None:
+            raise ScaleError(f"kind {ref.kind} has no scale subresource; set replicasPath")
+        return scale
+
+    def ensure_replicas(
+        self,
+        namespace: str | None,
+        ref: api.ObjectReference,
+        replicas_path: str | None,
+        desired: int,
+    ) -> Change:
+        """Patch the replica count to `desired`, and only if it differs (level-based, idempotent).
+
+        The write is conditional on the version just read, so it never overwrites a change it did
+        not see (another writer, or a new leader).
+        """
+        where = f"in namespace {namespace}" if namespace else "(cluster-scoped)"
+        for _ in range(CONFLICT_RETRIES):
+            read = self.read_replicas(namespace, ref, replicas_path)
+            current = 0 if read.value is None else read.value
+            if current == desired:
+                return Change(current, desired)
+            try:
+                self._patch(namespace, ref, replicas_path, read, desired)
+            except ConflictError:
+                continue  # changed under us between read and write: read again
+            except NotFoundError:
+                raise ScaleError(f"not found {where}") from None
+            except ForbiddenError as exc:
+                raise ScaleError(f"forbidden: {_reason(exc)}") from None
+            except ApiException as exc:
+                if exc.status == 422 and replicas_path:  # the JSON Patch `test` op failed
+                    continue
+                raise ScaleError(f"cannot patch: {_reason(exc)}") from None
+            return Change(current, desired)
+        raise ScaleError(f"kept changing while being patched ({CONFLICT_RETRIES} attempts)")
+
+    def _patch(
+        self,
+        namespace: str | None,
+        ref: api.ObjectReference,
+        replicas_path: str | None,
+        read: Replicas,
+        desired: int,
+    ) -> None:
+        resource = self._resource(ref)
+        if replicas_path:
+            # `test` makes the write conditional on what was read, like a resourceVersion would.
+            body: Any = (
+                [{"op": "add", "path": replicas_path, "value": desired}]
+                if read.value is None
+                else [
+                    {"op": "test", "path": replicas_path, "value": read.value},
+                    {"op": "replace", "path": replicas_path, "value": desired},
+                ]
+            )
+            self._guard()
+            self._dynamic.patch(
+                resource,
+                body=body,
+                name=ref.name,
+                namespace=namespace,
+                content_type=JSON_PATCH,
+                field_manager=FIELD_MANAGER,
+            )
+            return
+        merge: dict[str, Any] = {"spec": {"replicas": desired}}
+        if read.resource_version:
+            merge["metadata"] = {"resourceVersion": read.resource_version}
+        scale = self._scale_subresource(resource, ref)
+        self._guard()
+        self._dynamic.patch(
+            scale,
+            body=merge,
+            name=ref.name,
+            namespace=namespace,
+            content_type=MERGE_PATCH,
+            field_manager=FIELD_MANAGER,
+        )
+
+    # -- the allocation's status and Events
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None:
+        """Merge-patch `status` (None deletes a field); StatusGone when the allocation is gone."""
+        self._guard()
+        try:
+            self._custom.patch_namespaced_custom_object_status(
+                GROUP,
+                VERSION,
+                namespace,
+                PLURAL,
+                name,
+                {"status": dict(status)},
+                field_manager=FIELD_MANAGER,
+                _content_type=MERGE_PATCH,
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                raise StatusGone(f"{namespace}/{name} is gone") from None
+            raise
+
+    def post_event(
+        self,
+        namespace: str,
+        name: str,
+        uid: str | None,
+        type_: str,
+        reason: str,
+        message: str,
+    ) -> None:
+        now = datetime.now(UTC).isoformat()
+        body = {
+            "metadata": {"generateName": "melange-", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": api.KIND,
+                "name": name,
+                "namespace": namespace,
+                "uid": uid,
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": COMPONENT},
+            "reportingComponent": COMPONENT,
+            "reportingInstance": self.identity[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        event = k8s.CoreV1Event.from_dict(body)
+        assert event is not None
+        self._guard()
+        self._core.create_namespaced_event(namespace, event, field_manager=FIELD_MANAGER)
+
+    # -- credentials the spec names, read fresh (tokens rotate)
+
+    def _read_key(self, kind: str, namespace: str, ref: api.SecretKeyRef) -> str:
+        where = f"{kind} {namespace}/{ref.name}"
+        data: Mapping[str, Any]
+        try:
+            if kind == "Secret":
+                data = self._core.read_namespaced_secret(ref.name, namespace).data or {}
+            else:
+                data = self._core.read_namespaced_config_map(ref.name, namespace).data or {}
+        except ApiException as exc:
+            reason = {404: "not found", 403: "forbidden (RBAC)"}.get(exc.status or 0, exc.reason)
+            raise CredentialsUnavailable(f"{where}: {reason}") from None
+        if ref.key not in data:
+            raise CredentialsUnavailable(f"{where} has no key {ref.key!r}")
+        value = data[ref.key]
+        try:
+            if kind == "Secret" and isinstance(value, str):  # the API's base64 form
+                value = base64.b64decode(value, validate=True)
+            text = value.decode() if isinstance(value, bytes) else str(value)
+        except (binascii.Error, UnicodeDecodeError):
+            raise CredentialsUnavailable(f"{where}: key {ref.key!r} is not text") from None
+        return text.strip()
+
+    def credentials(
+        self, namespace: str, source: api.PrometheusSource
+    ) -> tuple[str | None, str | None]:
+        """The bearer token and the CA bundle the spec names."""
+        token = ca = None
+        if source.bearer_token_secret_ref is not None:
+            token = self._read_key("Secret", namespace, source.bearer_token_secret_ref)
+        if source.ca_config_map_ref is not None:
+            ca = self._read_key("ConfigMap", namespace, source.ca_config_map_ref)
+        return token, ca
+
+    # -- the leader Lease (never guarded: it is how leadership is won)
+
+    def read_lease(self, namespace: str, name: str) -> LeaseRecord | None:
+        try:
+            lease = self._coordination.read_namespaced_lease(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        spec = lease.spec
+        renew = spec.renew_time if spec is not None else None
+        return LeaseRecord(
+            holder=spec.holder_identity if spec is not None else None,
+            renew_time=renew.isoformat() if renew is not None else None,
+            duration_seconds=spec.lease_duration_seconds if spec is not None else None,
+            transitions=(spec.lease_transitions or 0) if spec is not None else 0,
+            acquire_time=spec.acquire_time if spec is not None else None,
+            resource_version=lease.metadata.resource_version if lease.metadata else None,
+        )
+
+    def write_lease(
+        self,
+        namespace: str,
+        name: str,
+        holder: str | None,
+        duration_seconds: int,
+        transitions: int,
+        acquire_time: datetime | None,
+        resource_version: str | None,
+    ) -> bool:
+        """Create or replace the Lease (conditional on `resource_version`); False on a conflict."""
+        now = datetime.now(UTC)
+        spec = k8s.V1LeaseSpec(
+            holder_identity=holder,
+            lease_duration_seconds=duration_seconds,
+            renew_time=now,
+            lease_transitions=transitions,
+            acquire_time=acquire_time or now,
+        )
+        body = k8s.V1Lease(
+            metadata=k8s.V1ObjectMeta(
+                name=name, namespace=namespace, resource_version=resource_version
+            ),
+            spec=spec,
+        )
+        try:
+            if resource_version is None:
+                self._coordination.create_namespaced_lease(
+                    namespace, body, field_manager=FIELD_MANAGER
+                )
+            else:
+                self._coordination.replace_namespaced_lease(
+                    name, namespace, body, field_manager=FIELD_MANAGER
+                )
+        except ApiException as exc:
+            if exc.status in (409, 422):
+                return False
+            raise
+        return True
