@@ -284,7 +284,14 @@ class Controller:
         except StatusGone:
             self.forget(key)
         except Exception:
-            log.exception("[%s/%s] Reconcile failed; it runs again at the next resync", *key)
+            # Not at once (no hot loop on a persistent failure): after a pause, as a resync.
+            log.exception(
+                "[%s/%s] Reconcile failed; trying again in %.0f s", *key, SCALE_RETRY_SECONDS
+            )
+            body = self._latest(key)
+            if body is not None:
+                state.generation = int(body["generation"])
+            state.next_resync = asyncio.get_running_loop().time() + SCALE_RETRY_SECONDS
 
     # -- one reconcile
 
@@ -540,15 +547,14 @@ class Controller:
     # -- the node pools
 
     async def _scope(self, ref: api.ObjectReference) -> tuple[str, bool]:
-        kind = decide_resource(ref)
+        kind = (ref.group, ref.kind)
         if kind not in self._scopes:
             self._scopes[kind] = await asyncio.to_thread(self.kube.scope, ref)
         return self._scopes[kind]
 
     async def _target_key(self, namespace: str, ref: api.ObjectReference) -> decide.TargetKey:
         _, namespaced = await self._scope(ref)
-        group, kind = decide_resource(ref)
-        return (namespace if namespaced else "", group, kind, ref.name)
+        return (namespace if namespaced else "", ref.group, ref.kind, ref.name)
 
     async def _claims(self, key: Key) -> list[decide.Claim]:
         """Every other allocation's claim on its targets, from the specs as they are stored."""
@@ -720,10 +726,6 @@ class Controller:
                 raise
             except Exception as exc:
                 log.warning("[%s/%s] Cannot post an Event: %s", *key, exc)
-
-
-def decide_resource(ref: api.ObjectReference) -> tuple[str, str]:
-    return (ref.api_version.rpartition("/")[0], ref.kind)
 
 
 def _reference(gpu: Any) -> api.ObjectReference | None:

@@ -107,11 +107,6 @@ def _reason(exc: ApiException) -> str:
     return str(getattr(exc, "reason", "") or exc)
 
 
-def resource_key(api_version: str, kind: str) -> tuple[str, str]:
-    """(API group, kind): what identifies a kind across its versions."""
-    return (api_version.rpartition("/")[0], kind)
-
-
 class KubeClient:
     """All of the operator's reads and writes. `may_write` is asked right before every write."""
 
@@ -146,7 +141,7 @@ class KubeClient:
     def scope(self, ref: api.ObjectReference) -> tuple[str, bool]:
         """(`resource.group`, namespaced) of the target's kind, from discovery."""
         resource = self._resource(ref)
-        group = resource_key(ref.api_version, ref.kind)[0]
+        group = ref.group
         name = f"{resource.name}.{group}" if group else str(resource.name)
         return name, bool(resource.namespaced)
 
