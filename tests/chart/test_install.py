@@ -306,8 +306,12 @@ def test_operator_works_with_exactly_the_charts_permissions(
         # Only its status is written: no annotations and no finalizer on the allocation.
         assert not chat["metadata"].get("annotations")
         assert not chat["metadata"].get("finalizers")
-        events = kube.events(namespace, "chat")
-        assert {e["reason"] for e in events} >= {"Scaled", "Reconciled"}
+        # Events are posted right after the status write
+        eventually(
+            lambda: _superset(
+                {e["reason"] for e in kube.events(namespace, "chat")}, {"Scaled", "Reconciled"}
+            )
+        )
         # It reconciled as the leader, holding the release's Lease under its pod's name.
         held = kube.get(LEASE, release.fullname, release.namespace)
         assert held["spec"]["holderIdentity"] == operator.pod_name
@@ -413,3 +417,7 @@ def test_namespaced_operator_resizes_a_listed_cluster_scoped_pool(
         dynamic.delete(karpenter, name=nodepool)
         print(f"--- operator log (tail) ---\n{operator.log()[-8000:]}")
     assert not refusals(operator.log(), namespace, expected="")
+
+
+def _superset(seen: set[str], expected: set[str]) -> None:
+    assert seen >= expected

@@ -30,14 +30,22 @@ async def until(probe: object, timeout: float) -> float:
     return time.monotonic() - started
 
 
+async def leader_and_standby(
+    control_plane: ControlPlane, namespace: str
+) -> tuple[LeaderElector, LeaderElector]:
+    """ "a" leading, then "b" started."""
+    a, b = elector(control_plane, namespace, "a"), elector(control_plane, namespace, "b")
+    a.start()
+    await until(a.leading, 10)
+    b.start()
+    return a, b
+
+
 def test_one_leader_then_takeover_after_the_lease_stood_still(
     control_plane: ControlPlane, namespace: str
 ) -> None:
     async def scenario() -> None:
-        a, b = elector(control_plane, namespace, "a"), elector(control_plane, namespace, "b")
-        a.start()
-        await until(a.leading, 10)
-        b.start()
+        a, b = await leader_and_standby(control_plane, namespace)
         await asyncio.sleep(3 * TIMING.duration)
         assert a.leading()  # a renews ...
         assert not b.leading()  # ... so b never takes it
@@ -64,10 +72,7 @@ def test_a_released_lease_is_taken_at_the_next_round(
     control_plane: ControlPlane, namespace: str
 ) -> None:
     async def scenario() -> None:
-        a, b = elector(control_plane, namespace, "a"), elector(control_plane, namespace, "b")
-        a.start()
-        await until(a.leading, 10)
-        b.start()
+        a, b = await leader_and_standby(control_plane, namespace)
         await asyncio.sleep(2 * TIMING.retry)
         await a.stop()  # releases
         assert not a.leading()

@@ -1,7 +1,7 @@
 """The controller: the one path from an allocation's spec to its node pools and its status.
 
-Kopf only keeps an index of the allocations (spec, status, metadata) as the watch stream shows
-them; this loop decides when each one is due and reconciles it:
+Kopf only hands over each allocation (spec, status, metadata) as the watch stream shows it; this
+loop decides when each one is due and reconciles it:
 - at once when its spec changes (a new `metadata.generation`) or it is first seen;
 - every `rateSource.intervalSeconds` when it has a rate source: query Prometheus, decide drift;
 - every resync interval otherwise: read the pools, set back an outside change.
@@ -58,6 +58,7 @@ class Kube(Protocol):
         ref: api.ObjectReference,
         replicas_path: str | None,
         desired: int,
+        known: Any = None,
     ) -> Any: ...
 
     def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
@@ -164,13 +165,12 @@ def _interval(spec: Mapping[str, Any]) -> float:
 class Controller:
     def __init__(
         self,
-        index: Mapping[Key, Any],
         kube: Kube,
         leading: Callable[[], bool],
         settings: Settings = Settings(),
         prometheus: PrometheusClient | None = None,
     ) -> None:
-        self.index = index
+        self.bodies: dict[Key, dict[str, Any]] = {}  # every allocation as last seen on the watch
         self.kube = kube
         self.leading = leading
         self.settings = settings
@@ -188,6 +188,14 @@ class Controller:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def observe(self, key: Key, body: dict[str, Any] | None) -> None:
+        """An allocation as the watch stream shows it now (None: deleted); due ones run at once."""
+        if body is None:
+            self.bodies.pop(key, None)
+        else:
+            self.bodies[key] = body
+        self.wake()
 
     def leadership_changed(self, leading: bool) -> None:
         """Drop what this replica knew: as the new leader, start again from the stored status."""
@@ -219,15 +227,14 @@ class Controller:
                 await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
 
     def _latest(self, key: Key) -> Mapping[str, Any] | None:
-        store = self.index.get(key)
-        return next(iter(store), None) if store is not None else None
+        return self.bodies.get(key)
 
     def _tick(self) -> None:
         if not self.leading():
             return
         now = asyncio.get_running_loop().time()
         seen = set()
-        for key in list(self.index.keys()):
+        for key in list(self.bodies):
             body = self._latest(key)
             if body is None:
                 continue
@@ -559,7 +566,7 @@ class Controller:
     async def _claims(self, key: Key) -> list[decide.Claim]:
         """Every other allocation's claim on its targets, from the specs as they are stored."""
         claims = []
-        for other in list(self.index.keys()):
+        for other in list(self.bodies):
             if other == key:
                 continue
             body = self._latest(other)
@@ -640,7 +647,7 @@ class Controller:
                     metrics.record_outside_change(namespace, name, gpu.name, reverted=not kept)
                 if action.patch:
                     change = await asyncio.to_thread(
-                        self.kube.ensure_replicas, where, ref, gpu.replicas_path, want
+                        self.kube.ensure_replicas, where, ref, gpu.replicas_path, want, read
                     )
                     outcome = decide.ScaleOutcome(
                         gpu.name, target, want, previous=change.previous, patched=change.patched

@@ -183,15 +183,17 @@ class KubeClient:
         ref: api.ObjectReference,
         replicas_path: str | None,
         desired: int,
+        known: Replicas | None = None,
     ) -> Change:
         """Patch the replica count to `desired`, and only if it differs (level-based, idempotent).
 
-        The write is conditional on the version just read, so it never overwrites a change it did
-        not see (another writer, or a new leader).
+        The write is conditional on the version just read (`known`, when the caller read it), so
+        it never overwrites a change it did not see (another writer, or a new leader).
         """
         where = f"in namespace {namespace}" if namespace else "(cluster-scoped)"
         for _ in range(CONFLICT_RETRIES):
-            read = self.read_replicas(namespace, ref, replicas_path)
+            read = known or self.read_replicas(namespace, ref, replicas_path)
+            known = None
             current = 0 if read.value is None else read.value
             if current == desired:
                 return Change(current, desired)

@@ -1,13 +1,12 @@
-"""Kopf: the watch stream as an index of allocations, and the start and stop of the controller.
+"""Kopf: the watch stream of allocations handed to the controller, and its start and stop.
 
-No resource-changing handlers, timers or daemons: Kopf writes nothing to allocations (no
+Only an event handler, no resource-changing handlers, timers or daemons: Kopf writes nothing to allocations (no
 finalizer, no progress or last-handled annotations) and deleting one never waits for the
 operator. The controller (`melange.controller.loop`) does all reconciling and is the one writer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
@@ -23,16 +22,13 @@ from melange.controller.kube.client import (
     new_api_client,
 )
 from melange.controller.lease import LeaderElector
-from melange.controller.loop import Controller, Key
+from melange.controller.loop import Controller
 from melange.controller.settings import RunSettings
-
-WAKE_DELAY_SECONDS = 0.05  # after Kopf has stored the new body in the index
 
 
 @kopf.on.startup()
-async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     run: RunSettings = memo["run"]
-    allocations: kopf.Index[Key, Any] = kwargs["allocations"]  # the index below, by its name
     settings.posting.reporting_component = COMPONENT
     settings.posting.reporting_instance = run.identity
     settings.posting.enabled = False  # Events come from the controller's one path only
@@ -51,7 +47,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any)
         elector = LeaderElector(kube, run.lease_namespace, run.lease_name, run.identity)
         kube.may_write = elector.leading
     controller = Controller(
-        allocations, kube, kube.may_write if elector is not None else lambda: True, run.controller
+        kube, kube.may_write if elector is not None else lambda: True, run.controller
     )
     memo["controller"], memo["elector"] = controller, elector
     if elector is not None:
@@ -79,21 +75,28 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
     return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
-async def allocations(
-    body: kopf.Body, namespace: str | None, name: str | None, memo: kopf.Memo, **_: Any
-) -> dict[Key, dict[str, Any]]:
-    """Every allocation as last seen on the watch stream; a change wakes the controller."""
-    controller: Controller | None = memo.get("controller")
-    if controller is not None:
-        asyncio.get_running_loop().call_later(WAKE_DELAY_SECONDS, controller.wake)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def allocation_event(
+    event: kopf.RawEvent,
+    body: kopf.Body,
+    namespace: str | None,
+    name: str | None,
+    memo: kopf.Memo,
+    **_: Any,
+) -> None:
+    """Every allocation as the watch stream shows it (on the event loop: no thread, no lock)."""
+    controller: Controller = memo["controller"]  # set at start-up, before any watching
+    if event.get("type") == "DELETED":
+        controller.observe((str(namespace), str(name)), None)
+        return
     metadata = body.get("metadata", {})
-    return {
-        (str(namespace), str(name)): {
+    controller.observe(
+        (str(namespace), str(name)),
+        {
             "uid": metadata.get("uid"),
             "generation": int(metadata.get("generation") or 0),
             "created": metadata.get("creationTimestamp"),
             "spec": copy.deepcopy(dict(body.get("spec") or {})),
             "status": copy.deepcopy(dict(body.get("status") or {})),
-        }
-    }
+        },
+    )

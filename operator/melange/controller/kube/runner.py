@@ -29,7 +29,7 @@ def run_operator(
     """Run the operator until SIGINT/SIGTERM, logging in plain text (more with `verbose`).
 
     Kopf runs standalone: the controller's own Lease decides which replica writes, and every
-    replica keeps its index of allocations warm for a fast takeover.
+    replica keeps its watch of allocations warm for a fast takeover.
     """
     kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
     kopf.run(
