@@ -582,7 +582,7 @@ def test_client_verifies_tls_and_trusts_the_given_ca() -> None:
 
 
 def test_rate_state_resumes_from_the_status() -> None:
-    from melange.controller.loop import RateState
+    from melange.controller.state import RateState
 
     status = {
         "solvedRate": 68,

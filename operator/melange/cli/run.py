@@ -96,8 +96,8 @@ def run(
         os.environ["KUBECONFIG"] = kubeconfig
     from melange.controller import metrics
     from melange.controller.kube.runner import default_lease_namespace, run_operator
-    from melange.controller.loop import Settings
     from melange.controller.settings import RunSettings
+    from melange.controller.state import Settings
 
     bad = [name for name in cluster_scoped if "." not in name.strip(".")]
     if bad:

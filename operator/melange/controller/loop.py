@@ -17,144 +17,35 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from melange import api
 from melange.api import conditions
-from melange.api.conditions import Condition
 from melange.controller import decide, metrics
-from melange.controller.errors import NotLeader, ScaleError, StatusGone
+from melange.controller.errors import NotLeader, StatusGone
+from melange.controller.observe import Observer
+from melange.controller.pools import Pools
+from melange.controller.state import (
+    AllocationState,
+    Key,
+    Kube,
+    RateState,
+    Settings,
+    Work,
+    condition_event,
+)
 from melange.plan import solver
 from melange.plan.result import Plan
-from melange.signals import distribution, rates
-from melange.signals.distribution import Observation
+from melange.signals import distribution
 from melange.signals.prometheus import PrometheusClient
-from melange.signals.rates import RateError
 
 TICK_SECONDS = 1.0
-RESYNC_SECONDS = 30.0
 SCALE_RETRY_SECONDS = 15.0
 MAX_CONCURRENT = 16
 STOP_GRACE_SECONDS = 10.0
 
-Key = tuple[str, str]  # (namespace, name)
 log = logging.getLogger("melange.controller")
-
-
-class Kube(Protocol):
-    """What the controller needs of the Kubernetes client (`controller.kube.client.KubeClient`)."""
-
-    def scope(self, ref: api.ObjectReference) -> tuple[str, bool]: ...
-
-    def read_replicas(
-        self, namespace: str | None, ref: api.ObjectReference, replicas_path: str | None
-    ) -> Any: ...
-
-    def ensure_replicas(
-        self,
-        namespace: str | None,
-        ref: api.ObjectReference,
-        replicas_path: str | None,
-        desired: int,
-        known: Any = None,
-    ) -> Any: ...
-
-    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
-
-    def post_event(
-        self, namespace: str, name: str, uid: str | None, type_: str, reason: str, message: str
-    ) -> None: ...
-
-    def credentials(
-        self, namespace: str, source: api.PrometheusSource
-    ) -> tuple[str | None, str | None]: ...
-
-
-@dataclass(frozen=True)
-class Settings:
-    resync_seconds: float = RESYNC_SECONDS
-    allow_cluster_scoped: frozenset[str] = (
-        frozenset()
-    )  # "resource.group", e.g. nodepools.karpenter.sh
-
-
-@dataclass(frozen=True)
-class EventSpec:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-def condition_event(condition: Condition) -> EventSpec:
-    kind = "Normal" if condition.status == "True" else "Warning"
-    return EventSpec(kind, condition.reason, condition.message[:1024])
-
-
-@dataclass
-class RateState:
-    """What the operator knows of one allocation's rate; seeded from its status at first sight."""
-
-    history: list[rates.RateSample] = field(default_factory=list)
-    solved_rate: float | None = None  # the rate the current plan was solved for
-    observed_before: bool = False  # any observation yet (else the plan follows spec.totalRate)
-    condition: Condition | None = None  # the current RateObserved
-    solved_distribution: list[list[float]] | None = None  # None: the spec's own
-    distribution_condition: Condition | None = None  # the current DistributionObserved
-
-    @classmethod
-    def from_status(cls, status: Mapping[str, Any]) -> RateState:
-        solved = status.get("solvedRate")
-        matrix = status.get("solvedDistribution")
-        return cls(
-            history=rates.history_from_status(status.get("rateHistory")),
-            solved_rate=float(solved) if isinstance(solved, int | float) else None,
-            observed_before=status.get("lastObservationTime") is not None,
-            condition=_stored_condition(status, conditions.RATE_OBSERVED),
-            solved_distribution=matrix if isinstance(matrix, list) else None,
-            distribution_condition=_stored_condition(status, conditions.DISTRIBUTION_OBSERVED),
-        )
-
-    def plan_rate(self) -> float | None:
-        """The rate to solve for: the decided one, once there was an observation."""
-        return self.solved_rate if self.observed_before else None
-
-
-def _stored_condition(status: Mapping[str, Any], kind: str) -> Condition | None:
-    found = conditions.find(status.get("conditions"), kind)
-    if found is None or found.get("status") not in {"True", "False", "Unknown"}:
-        return None
-    return Condition(
-        kind, found["status"], str(found.get("reason", "")), str(found.get("message", ""))
-    )
-
-
-def _transitioned(before: Condition | None, after: Condition) -> bool:
-    return before is None or (before.status, before.reason) != (after.status, after.reason)
-
-
-@dataclass
-class AllocationState:
-    uid: str | None
-    status: dict[str, Any]  # the status as last written by this replica (seeded from the stored)
-    rate: RateState
-    generation: int = 0  # the spec generation last reconciled
-    next_poll: float = 0.0
-    next_resync: float = 0.0
-    polled_source: Any = None
-    solved: tuple[str, Plan] | None = None  # (what it was solved for, the plan)
-    task: asyncio.Task[None] | None = None
-
-
-@dataclass
-class Work:
-    """What one reconcile builds up: the status fields to write and the Events to post."""
-
-    status: dict[str, Any]
-    events: list[EventSpec] = field(default_factory=list)
-    updates: list[Condition] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
 
 
 def _interval(spec: Mapping[str, Any]) -> float:
@@ -167,15 +58,17 @@ class Controller:
         self,
         kube: Kube,
         leading: Callable[[], bool],
-        settings: Settings = Settings(),
+        settings: Settings | None = None,
         prometheus: PrometheusClient | None = None,
     ) -> None:
         self.bodies: dict[Key, dict[str, Any]] = {}  # every allocation as last seen on the watch
         self.kube = kube
         self.leading = leading
-        self.settings = settings
+        self.settings = settings or Settings()
         self.prometheus = prometheus or PrometheusClient()
         self.states: dict[Key, AllocationState] = {}
+        self.observer = Observer(kube, self.prometheus)
+        self.pools = Pools(kube, self.settings, self.bodies)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(MAX_CONCURRENT)
@@ -343,7 +236,7 @@ class Controller:
             work.status.update(distribution.cleared_status(work.status))
             state.rate.solved_distribution = matrix = None
         if poll and spec.rate_source is not None:
-            drift = await self._observe(key, spec, state, work, now)
+            drift = await self.observer.observe(key, spec, state, work, now)
             if drift is not None:
                 reason, rate, matrix = drift
         if spec.rate_source is not None and state.rate.condition is not None:
@@ -359,161 +252,12 @@ class Controller:
             await self._finish(key, body, state, work, generation, now, trigger)
             return
         desired = decide.desired_replicas(spec, plan)
-        scaled = await self._scale(key, body, spec, desired, reason, work, now)
+        scaled = await self.pools.scale(key, body, spec, desired, reason, work, now)
         work.updates = [*decide.with_ready([decide.solved_condition(plan), scaled]), *work.updates]
         failed = scaled.reason == "ScaleFailed"
         if failed:
             metrics.record_error(namespace, name, "ScaleFailed")
         await self._finish(key, body, state, work, generation, now, trigger, retry=failed)
-
-    async def _observe(
-        self,
-        key: Key,
-        spec: api.AllocationSpec,
-        state: AllocationState,
-        work: Work,
-        now: datetime,
-    ) -> tuple[str, float | None, list[list[float]] | None] | None:
-        """Query the rate source; the re-solve (reason, rate, distribution) when it drifted."""
-        namespace, name = key
-        source = spec.rate_source
-        assert source is not None
-        observation: Observation | RateError | None = None
-        observed: float | None = None
-        error: RateError | None = None
-        try:
-            token, ca = await asyncio.to_thread(self.kube.credentials, namespace, source.prometheus)
-            observed, observation = await asyncio.gather(
-                self.prometheus.query_rate(
-                    source.prometheus.url,
-                    decide.rate_query(source),
-                    bearer_token=token,
-                    ca_pem=ca,
-                    timeout=decide.query_timeout(source),
-                ),
-                self._observe_distribution(spec, token, ca),
-            )
-        except RateError as exc:
-            error = exc
-        metrics.record_rate_query(
-            namespace, name, "ok" if error is None else error.reason, observed
-        )
-        rate_state = state.rate
-        if error is not None:
-            condition = decide.rate_failed(error)
-            if _transitioned(rate_state.condition, condition):
-                log.warning("[%s/%s] No usable rate (%s): %s", *key, error.reason, error.message)
-                work.events.append(condition_event(condition))
-            rate_state.condition = condition
-            return None
-        assert observed is not None
-        decision = rates.decide(
-            rate_state.history,
-            observed,
-            rate_state.solved_rate,
-            tolerance=source.drift_tolerance,
-            window_seconds=source.scale_down_stabilization_seconds,
-            now=now,
-            first_observation=not rate_state.observed_before,
-        )
-        condition = decide.rate_observed(observed, source.prometheus.url)
-        if _transitioned(rate_state.condition, condition):
-            log.info("[%s/%s] Rate observed: %s", *key, condition.message)
-            work.events.append(condition_event(condition))
-        rate_state.condition = condition
-        rate_state.history = list(decision.history)
-        rate_state.observed_before = True
-        work.status.update(decide.observation_status(observed, now, decision.history))
-        moved = self._distribution(key, spec, state, observation, work)
-        shape = moved is not None and moved.resolve
-        if decision.resolve:
-            log.info("[%s/%s] Rate drift: %s", *key, decision.message)
-            work.events.append(EventSpec("Normal", "RateDrift", decision.message))
-        else:
-            log.debug("[%s/%s] %s", *key, decision.message)
-        rate = decision.rate if decision.resolve else rate_state.solved_rate
-        matrix = (
-            observation.matrix
-            if shape and isinstance(observation, Observation)
-            else rate_state.solved_distribution
-        )
-        if decision.resolve:
-            return "RateDrift", rate, matrix
-        if shape:
-            return "DistributionDrift", rate, matrix
-        return None
-
-    async def _observe_distribution(
-        self, spec: api.AllocationSpec, token: str | None, ca: str | None
-    ) -> Observation | RateError | None:
-        """The fitted distribution, the reason there is none, or None when it is not followed."""
-        model, source, follow = (
-            decide.distribution_model(spec),
-            spec.rate_source,
-            spec.workload.from_prometheus,
-        )
-        if model is None or source is None or follow is None:
-            return None
-        try:
-            prompt, generation = await self.prometheus.token_histograms(
-                source.prometheus.url,
-                model,
-                follow.window_seconds,
-                bearer_token=token,
-                ca_pem=ca,
-                timeout=decide.query_timeout(source),
-            )
-            return distribution.observe(
-                spec.workload.distribution,
-                spec.buckets.input_tokens,
-                spec.buckets.output_tokens,
-                prompt,
-                generation,
-                min_requests=follow.min_requests,
-            )
-        except RateError as exc:
-            return exc
-
-    def _distribution(
-        self,
-        key: Key,
-        spec: api.AllocationSpec,
-        state: AllocationState,
-        observation: Observation | RateError | None,
-        work: Work,
-    ) -> distribution.Drift | None:
-        """Update the DistributionObserved condition and status; the drift, when there is one."""
-        follow = spec.workload.from_prometheus
-        if observation is None or follow is None:
-            return None
-        moved = None
-        if isinstance(observation, RateError):
-            condition = decide.distribution_failed(observation)
-        else:
-            solved = (
-                distribution.fitting(state.rate.solved_distribution, spec.buckets)
-                or spec.workload.distribution
-            )
-            moved = distribution.drift(solved, observation.matrix, follow.drift_tolerance)
-            condition = decide.distribution_observed(
-                observation.summary(follow.window_seconds), moved.distance
-            )
-            metrics.record_distribution_distance(*key, moved.distance)
-            work.status.update(distribution.observation_status(observation, moved.distance))
-            if moved.resolve:
-                changes = distribution.describe_largest_moves(
-                    solved,
-                    observation.matrix,
-                    (spec.buckets.input_tokens, spec.buckets.output_tokens),
-                )
-                message = moved.message + (f" (largest: {changes})" if changes else "")
-                log.info("[%s/%s] Distribution drift: %s", *key, message)
-                work.events.append(EventSpec("Normal", "DistributionDrift", message))
-        if _transitioned(state.rate.distribution_condition, condition):
-            log.info("[%s/%s] Distribution: %s", *key, condition.message)
-            work.events.append(condition_event(condition))
-        state.rate.distribution_condition = condition
-        return moved
 
     async def _solve(
         self,
@@ -537,9 +281,7 @@ class Controller:
             return state.solved[1]
         plan = await asyncio.to_thread(solver.solve_spec, spec, rate)
         state.solved = (inputs, plan)
-        trigger = {"SpecChange": "update", "Start": "resume", "Resync": "resume"}.get(
-            reason, reason
-        )
+        trigger = {"SpecChange": "update", "Resync": "resume"}.get(reason, reason)
         metrics.record_plan(*key, plan, _snake(trigger))
         state.rate.solved_rate = plan.total_rate
         if decide.distribution_model(spec) is not None:
@@ -550,137 +292,6 @@ class Controller:
         else:
             work.status["planStatus"] = plan.status
         return plan
-
-    # -- the node pools
-
-    async def _scope(self, ref: api.ObjectReference) -> tuple[str, bool]:
-        kind = (ref.group, ref.kind)
-        if kind not in self._scopes:
-            self._scopes[kind] = await asyncio.to_thread(self.kube.scope, ref)
-        return self._scopes[kind]
-
-    async def _target_key(self, namespace: str, ref: api.ObjectReference) -> decide.TargetKey:
-        _, namespaced = await self._scope(ref)
-        return (namespace if namespaced else "", ref.group, ref.kind, ref.name)
-
-    async def _claims(self, key: Key) -> list[decide.Claim]:
-        """Every other allocation's claim on its targets, from the specs as they are stored."""
-        claims = []
-        for other in list(self.bodies):
-            if other == key:
-                continue
-            body = self._latest(other)
-            if body is None:
-                continue
-            targets = []
-            for gpu in body["spec"].get("gpus") or ():
-                ref = _reference(gpu)
-                if ref is None:
-                    continue
-                try:
-                    targets.append(await self._target_key(other[0], ref))
-                except ScaleError:
-                    continue  # a kind the API server does not serve claims nothing
-            claims.append(decide.Claim(other, str(body.get("created") or ""), tuple(targets)))
-        return claims
-
-    async def _scale(
-        self,
-        key: Key,
-        body: Mapping[str, Any],
-        spec: api.AllocationSpec,
-        desired: Mapping[str, int],
-        reason: str,
-        work: Work,
-        now: datetime,
-    ) -> Condition:
-        """Check ownership and scope, then bring each pool to the plan; the Scaled condition."""
-        namespace, name = key
-        if spec.dry_run:
-            return decide.scaled_condition([], dry_run=True)
-        refused, mine, scopes = [], [], {}
-        for gpu in spec.gpus:
-            ref = gpu.scale_target_ref
-            assert ref is not None  # checked by api.validate_resource_spec
-            try:
-                resource, namespaced = await self._scope(ref)
-            except ScaleError:
-                continue  # reported per pool below
-            scopes[gpu.name] = namespaced
-            mine.append(await self._target_key(namespace, ref))
-            if not namespaced and resource not in self.settings.allow_cluster_scoped:
-                refused.append(
-                    f"{decide.target_name(gpu)} ({gpu.name}): {resource} is cluster-scoped and not "
-                    "in the operator's allow-list (--allow-cluster-scoped)"
-                )
-        if refused:
-            return decide.not_allowed_condition(refused)
-        created = str(body.get("created") or "")
-        conflicts = decide.target_conflicts(
-            decide.Claim(key, created, tuple(mine)), await self._claims(key)
-        )
-        if conflicts:
-            return decide.conflict_condition(conflicts)
-
-        records = decide.pool_records(work.status)
-        reasons: dict[str, str] = {}
-        outcomes = []
-        for gpu in spec.gpus:
-            ref = gpu.scale_target_ref
-            assert ref is not None
-            target = decide.target_name(gpu)
-            where = namespace if scopes.get(gpu.name, True) else None
-            want = desired[gpu.name]
-            try:
-                read = await asyncio.to_thread(
-                    self.kube.read_replicas, where, ref, gpu.replicas_path
-                )
-                current = 0 if read.value is None else int(read.value)
-                record = records.get(gpu.name)
-                action = decide.pool_action(current, want, record, gpu.policy, target, reason)
-                outcome = decide.ScaleOutcome(gpu.name, target, want, previous=current)
-                if action.outside and record is not None:
-                    kept = not action.patch
-                    message = decide.outside_change_message(outcome, current, record, kept)
-                    log.warning("[%s/%s] %s", *key, message)
-                    work.events.append(EventSpec("Warning", "OutsideChange", message))
-                    metrics.record_outside_change(namespace, name, gpu.name, reverted=not kept)
-                if action.patch:
-                    change = await asyncio.to_thread(
-                        self.kube.ensure_replicas, where, ref, gpu.replicas_path, want, read
-                    )
-                    outcome = decide.ScaleOutcome(
-                        gpu.name, target, want, previous=change.previous, patched=change.patched
-                    )
-                    reasons[gpu.name] = action.reason
-                    records[gpu.name] = decide.PoolRecord(target, want, change.current)
-                else:
-                    if current != want:
-                        outcome = decide.ScaleOutcome(
-                            gpu.name, target, want, previous=current, kept=current
-                        )
-                    asked = record.desired if record is not None and current != want else want
-                    records[gpu.name] = decide.PoolRecord(target, asked, current)
-            except ScaleError as exc:
-                outcome = decide.ScaleOutcome(gpu.name, target, want, error=str(exc))
-            outcomes.append(outcome)
-        for outcome in outcomes:
-            if outcome.patched or outcome.error:
-                metrics.record_patch(namespace, name, outcome.gpu, ok=not outcome.error)
-            if outcome.patched:
-                message = (
-                    f"{outcome.target} ({outcome.gpu}): {outcome.previous} -> {outcome.desired} "
-                    f"({reasons.get(outcome.gpu, reason)})"
-                )
-                log.info("[%s/%s] Scaled %s", *key, message)
-                work.events.append(EventSpec("Normal", "Scaled", message))
-        policies = {g.name: g.policy for g in spec.gpus}
-        kept_records = {g.name: records[g.name] for g in spec.gpus if g.name in records}
-        work.status["targets"] = decide.targets_status(kept_records, policies)
-        patches = decide.recent_patches(work.status.get("recentPatches"), outcomes, reasons, now)
-        if patches or work.status.get("recentPatches") is not None:
-            work.status["recentPatches"] = patches
-        return decide.scaled_condition(outcomes, dry_run=False)
 
     # -- the one status write
 
@@ -733,16 +344,6 @@ class Controller:
                 raise
             except Exception as exc:
                 log.warning("[%s/%s] Cannot post an Event: %s", *key, exc)
-
-
-def _reference(gpu: Any) -> api.ObjectReference | None:
-    """The scale target of a stored `gpus[]` entry, when it is well formed."""
-    if not isinstance(gpu, Mapping) or not isinstance(gpu.get("scaleTargetRef"), Mapping):
-        return None
-    try:
-        return api.ObjectReference.model_validate(gpu["scaleTargetRef"])
-    except ValueError:
-        return None
 
 
 def _snake(name: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from melange.controller.loop import Settings
+from melange.controller.state import Settings
 
 
 @dataclass(frozen=True)

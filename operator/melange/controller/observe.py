@@ -1,0 +1,181 @@
+"""Observe an allocation's live signals: the request rate and sizes from Prometheus, and whether
+they drifted enough to re-solve (the decisions are `signals.rates` and `signals.distribution`)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+
+from melange import api
+from melange.controller import decide, metrics
+from melange.controller.state import (
+    AllocationState,
+    EventSpec,
+    Key,
+    Kube,
+    Work,
+    condition_event,
+    transitioned,
+)
+from melange.signals import distribution, rates
+from melange.signals.distribution import Observation
+from melange.signals.prometheus import PrometheusClient
+from melange.signals.rates import RateError
+
+log = logging.getLogger("melange.controller")
+
+
+class Observer:
+    def __init__(self, kube: Kube, prometheus: PrometheusClient) -> None:
+        self.kube = kube
+        self.prometheus = prometheus
+
+    async def observe(
+        self,
+        key: Key,
+        spec: api.AllocationSpec,
+        state: AllocationState,
+        work: Work,
+        now: datetime,
+    ) -> tuple[str, float | None, list[list[float]] | None] | None:
+        """Query the rate source; the re-solve (reason, rate, distribution) when it drifted."""
+        namespace, name = key
+        source = spec.rate_source
+        assert source is not None
+        observation: Observation | RateError | None = None
+        observed: float | None = None
+        error: RateError | None = None
+        try:
+            token, ca = await asyncio.to_thread(self.kube.credentials, namespace, source.prometheus)
+            observed, observation = await asyncio.gather(
+                self.prometheus.query_rate(
+                    source.prometheus.url,
+                    decide.rate_query(source),
+                    bearer_token=token,
+                    ca_pem=ca,
+                    timeout=decide.query_timeout(source),
+                ),
+                self.observe_distribution(spec, token, ca),
+            )
+        except RateError as exc:
+            error = exc
+        metrics.record_rate_query(
+            namespace, name, "ok" if error is None else error.reason, observed
+        )
+        rate_state = state.rate
+        if error is not None:
+            condition = decide.rate_failed(error)
+            if transitioned(rate_state.condition, condition):
+                log.warning("[%s/%s] No usable rate (%s): %s", *key, error.reason, error.message)
+                work.events.append(condition_event(condition))
+            rate_state.condition = condition
+            return None
+        assert observed is not None
+        decision = rates.decide(
+            rate_state.history,
+            observed,
+            rate_state.solved_rate,
+            tolerance=source.drift_tolerance,
+            window_seconds=source.scale_down_stabilization_seconds,
+            now=now,
+            first_observation=not rate_state.observed_before,
+        )
+        condition = decide.rate_observed(observed, source.prometheus.url)
+        if transitioned(rate_state.condition, condition):
+            log.info("[%s/%s] Rate observed: %s", *key, condition.message)
+            work.events.append(condition_event(condition))
+        rate_state.condition = condition
+        rate_state.history = list(decision.history)
+        rate_state.observed_before = True
+        work.status.update(decide.observation_status(observed, now, decision.history))
+        moved = self._distribution(key, spec, state, observation, work)
+        shape = moved is not None and moved.resolve
+        if decision.resolve:
+            log.info("[%s/%s] Rate drift: %s", *key, decision.message)
+            work.events.append(EventSpec("Normal", "RateDrift", decision.message))
+        else:
+            log.debug("[%s/%s] %s", *key, decision.message)
+        rate = decision.rate if decision.resolve else rate_state.solved_rate
+        matrix = (
+            observation.matrix
+            if shape and isinstance(observation, Observation)
+            else rate_state.solved_distribution
+        )
+        if decision.resolve:
+            return "RateDrift", rate, matrix
+        if shape:
+            return "DistributionDrift", rate, matrix
+        return None
+
+    async def observe_distribution(
+        self, spec: api.AllocationSpec, token: str | None, ca: str | None
+    ) -> Observation | RateError | None:
+        """The fitted distribution, the reason there is none, or None when it is not followed."""
+        model, source, follow = (
+            decide.distribution_model(spec),
+            spec.rate_source,
+            spec.workload.from_prometheus,
+        )
+        if model is None or source is None or follow is None:
+            return None
+        try:
+            prompt, generation = await self.prometheus.token_histograms(
+                source.prometheus.url,
+                model,
+                follow.window_seconds,
+                bearer_token=token,
+                ca_pem=ca,
+                timeout=decide.query_timeout(source),
+            )
+            return distribution.observe(
+                spec.workload.distribution,
+                spec.buckets.input_tokens,
+                spec.buckets.output_tokens,
+                prompt,
+                generation,
+                min_requests=follow.min_requests,
+            )
+        except RateError as exc:
+            return exc
+
+    def _distribution(
+        self,
+        key: Key,
+        spec: api.AllocationSpec,
+        state: AllocationState,
+        observation: Observation | RateError | None,
+        work: Work,
+    ) -> distribution.Drift | None:
+        """Update the DistributionObserved condition and status; the drift, when there is one."""
+        follow = spec.workload.from_prometheus
+        if observation is None or follow is None:
+            return None
+        moved = None
+        if isinstance(observation, RateError):
+            condition = decide.distribution_failed(observation)
+        else:
+            solved = (
+                distribution.fitting(state.rate.solved_distribution, spec.buckets)
+                or spec.workload.distribution
+            )
+            moved = distribution.drift(solved, observation.matrix, follow.drift_tolerance)
+            condition = decide.distribution_observed(
+                observation.summary(follow.window_seconds), moved.distance
+            )
+            metrics.record_distribution_distance(*key, moved.distance)
+            work.status.update(distribution.observation_status(observation, moved.distance))
+            if moved.resolve:
+                changes = distribution.describe_largest_moves(
+                    solved,
+                    observation.matrix,
+                    (spec.buckets.input_tokens, spec.buckets.output_tokens),
+                )
+                message = moved.message + (f" (largest: {changes})" if changes else "")
+                log.info("[%s/%s] Distribution drift: %s", *key, message)
+                work.events.append(EventSpec("Normal", "DistributionDrift", message))
+        if transitioned(state.rate.distribution_condition, condition):
+            log.info("[%s/%s] Distribution: %s", *key, condition.message)
+            work.events.append(condition_event(condition))
+        state.rate.distribution_condition = condition
+        return moved

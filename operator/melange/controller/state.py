@@ -1,0 +1,135 @@
+"""What the controller knows of each allocation between reconciles, and what one reconcile builds.
+
+Seeded from the stored status at first sight (a restart or a new leader resumes from the cluster),
+then kept in memory by the one writer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from melange import api
+from melange.api import conditions
+from melange.api.conditions import Condition
+from melange.plan.result import Plan
+from melange.signals import rates
+
+Key = tuple[str, str]  # (namespace, name)
+RESYNC_SECONDS = 30.0
+
+
+class Kube(Protocol):
+    """What the controller needs of the Kubernetes client (`controller.kube.client.KubeClient`)."""
+
+    def scope(self, ref: api.ObjectReference) -> tuple[str, bool]: ...
+
+    def read_replicas(
+        self, namespace: str | None, ref: api.ObjectReference, replicas_path: str | None
+    ) -> Any: ...
+
+    def ensure_replicas(
+        self,
+        namespace: str | None,
+        ref: api.ObjectReference,
+        replicas_path: str | None,
+        desired: int,
+        known: Any = None,
+    ) -> Any: ...
+
+    def patch_status(self, namespace: str, name: str, status: Mapping[str, Any]) -> None: ...
+
+    def post_event(
+        self, namespace: str, name: str, uid: str | None, type_: str, reason: str, message: str
+    ) -> None: ...
+
+    def credentials(
+        self, namespace: str, source: api.PrometheusSource
+    ) -> tuple[str | None, str | None]: ...
+
+
+@dataclass(frozen=True)
+class Settings:
+    resync_seconds: float = RESYNC_SECONDS
+    allow_cluster_scoped: frozenset[str] = (
+        frozenset()
+    )  # "resource.group", e.g. nodepools.karpenter.sh
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+def condition_event(condition: Condition) -> EventSpec:
+    kind = "Normal" if condition.status == "True" else "Warning"
+    return EventSpec(kind, condition.reason, condition.message[:1024])
+
+
+@dataclass
+class RateState:
+    """What the operator knows of one allocation's rate; seeded from its status at first sight."""
+
+    history: list[rates.RateSample] = field(default_factory=list)
+    solved_rate: float | None = None  # the rate the current plan was solved for
+    observed_before: bool = False  # any observation yet (else the plan follows spec.totalRate)
+    condition: Condition | None = None  # the current RateObserved
+    solved_distribution: list[list[float]] | None = None  # None: the spec's own
+    distribution_condition: Condition | None = None  # the current DistributionObserved
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> RateState:
+        solved = status.get("solvedRate")
+        matrix = status.get("solvedDistribution")
+        return cls(
+            history=rates.history_from_status(status.get("rateHistory")),
+            solved_rate=float(solved) if isinstance(solved, int | float) else None,
+            observed_before=status.get("lastObservationTime") is not None,
+            condition=stored_condition(status, conditions.RATE_OBSERVED),
+            solved_distribution=matrix if isinstance(matrix, list) else None,
+            distribution_condition=stored_condition(status, conditions.DISTRIBUTION_OBSERVED),
+        )
+
+    def plan_rate(self) -> float | None:
+        """The rate to solve for: the decided one, once there was an observation."""
+        return self.solved_rate if self.observed_before else None
+
+
+def stored_condition(status: Mapping[str, Any], kind: str) -> Condition | None:
+    found = conditions.find(status.get("conditions"), kind)
+    if found is None or found.get("status") not in {"True", "False", "Unknown"}:
+        return None
+    return Condition(
+        kind, found["status"], str(found.get("reason", "")), str(found.get("message", ""))
+    )
+
+
+def transitioned(before: Condition | None, after: Condition) -> bool:
+    return before is None or (before.status, before.reason) != (after.status, after.reason)
+
+
+@dataclass
+class AllocationState:
+    uid: str | None
+    status: dict[str, Any]  # the status as last written by this replica (seeded from the stored)
+    rate: RateState
+    generation: int = 0  # the spec generation last reconciled
+    next_poll: float = 0.0
+    next_resync: float = 0.0
+    polled_source: Any = None
+    solved: tuple[str, Plan] | None = None  # (what it was solved for, the plan)
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Work:
+    """What one reconcile builds up: the status fields to write and the Events to post."""
+
+    status: dict[str, Any]
+    events: list[EventSpec] = field(default_factory=list)
+    updates: list[Condition] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
