@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -154,7 +153,7 @@ def test_cluster_scoped_targets_need_the_allow_list(
         "scaleTargetRef": {"apiVersion": "karpenter.sh/v1", "kind": "NodePool", "name": nodepool},
     }
     make_pools(kube, namespace, skip=("H100",))
-    versions = {k: v for k, v in pool_versions_l4_a100(kube, namespace).items()}
+    versions = _namespaced_pool_versions(kube, namespace)
 
     closed = OperatorProcess(control_plane, namespace, tmp_path, identity="closed")
     closed.start()
@@ -165,7 +164,7 @@ def test_cluster_scoped_targets_need_the_allow_list(
             f"NodePool/{nodepool} (H100): nodepools.karpenter.sh is cluster-scoped and not in the "
             "operator's allow-list (--allow-cluster-scoped); nothing was patched"
         )
-        assert pool_versions_l4_a100(kube, namespace) == versions
+        assert _namespaced_pool_versions(kube, namespace) == versions
         assert _karpenter_replicas(kube, nodepool) == 1
     finally:
         closed.stop()
@@ -187,11 +186,8 @@ def test_cluster_scoped_targets_need_the_allow_list(
         kube.dynamic.delete(kube.resource(("karpenter.sh/v1", "NodePool")), name=nodepool)
 
 
-def pool_versions_l4_a100(kube: Kube, namespace: str) -> dict[str, Any]:
-    return {k: v for k, v in pool_versions_all(kube, namespace).items() if k != "H100"}
-
-
-def pool_versions_all(kube: Kube, namespace: str) -> dict[str, str]:
+def _namespaced_pool_versions(kube: Kube, namespace: str) -> dict[str, str]:
+    """The L4 and A100 pools' resourceVersions (H100 is the cluster-scoped NodePool here)."""
     return {
         "L4": kube.resource_version(Kinds.deployment, "pool-l4", namespace),
         "A100": kube.resource_version(Kinds.machine_deployment, "pool-a100", namespace),

@@ -96,8 +96,7 @@ def run(
         os.environ["KUBECONFIG"] = kubeconfig
     from melange.controller import metrics
     from melange.controller.kube.runner import default_lease_namespace, run_operator
-    from melange.controller.settings import RunSettings
-    from melange.controller.state import Settings
+    from melange.controller.settings import RunSettings, Settings
 
     bad = [name for name in cluster_scoped if "." not in name.strip(".")]
     if bad:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -26,12 +25,12 @@ from melange.controller import decide, metrics
 from melange.controller.errors import NotLeader, StatusGone
 from melange.controller.observe import Observer
 from melange.controller.pools import Pools
+from melange.controller.settings import Settings
 from melange.controller.state import (
     AllocationState,
     Key,
     Kube,
     RateState,
-    Settings,
     Work,
     condition_event,
 )
@@ -46,6 +45,15 @@ MAX_CONCURRENT = 16
 STOP_GRACE_SECONDS = 10.0
 
 log = logging.getLogger("melange.controller")
+# why a plan was solved (the reason patches carry) -> the `trigger` label of melange_solves_total
+SOLVE_TRIGGERS = {
+    "Create": "create",
+    "Resume": "resume",
+    "SpecChange": "update",
+    "Resync": "resume",
+    "RateDrift": "rate_drift",
+    "DistributionDrift": "distribution_drift",
+}
 
 
 def _interval(spec: Mapping[str, Any]) -> float:
@@ -72,7 +80,6 @@ class Controller:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(MAX_CONCURRENT)
-        self._scopes: dict[tuple[str, str], tuple[str, bool]] = {}
 
     # -- life cycle
 
@@ -91,8 +98,14 @@ class Controller:
         self.wake()
 
     def leadership_changed(self, leading: bool) -> None:
-        """Drop what this replica knew: as the new leader, start again from the stored status."""
+        """Drop what this replica knew: as the new leader, start again from the stored status.
+
+        Reconciles in flight are cancelled, so none of them outlives the term it started in.
+        """
         metrics.record_leader(leading)
+        for state in self.states.values():
+            if state.task is not None:
+                state.task.cancel()
         self.states.clear()
         self.wake()
 
@@ -119,18 +132,12 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
 
-    def _latest(self, key: Key) -> Mapping[str, Any] | None:
-        return self.bodies.get(key)
-
     def _tick(self) -> None:
         if not self.leading():
             return
         now = asyncio.get_running_loop().time()
         seen = set()
-        for key in list(self.bodies):
-            body = self._latest(key)
-            if body is None:
-                continue
+        for key, body in list(self.bodies.items()):
             seen.add(key)
             state = self.states.get(key)
             if state is None or state.uid != body.get("uid"):  # new, or deleted and created again
@@ -188,7 +195,7 @@ class Controller:
             log.exception(
                 "[%s/%s] Reconcile failed; trying again in %.0f s", *key, SCALE_RETRY_SECONDS
             )
-            body = self._latest(key)
+            body = self.bodies.get(key)
             if body is not None:
                 state.generation = int(body["generation"])
             state.next_resync = asyncio.get_running_loop().time() + SCALE_RETRY_SECONDS
@@ -197,7 +204,7 @@ class Controller:
 
     async def reconcile(self, key: Key, state: AllocationState, trigger: str, poll: bool) -> None:
         namespace, name = key
-        body = self._latest(key)
+        body = self.bodies.get(key)
         if body is None or body.get("uid") != state.uid:
             return
         generation = int(body["generation"])
@@ -244,7 +251,7 @@ class Controller:
         if follows and state.rate.distribution_condition is not None:
             work.updates.append(state.rate.distribution_condition)
 
-        plan = await self._solve(key, spec, state, work, rate, matrix, reason, now)
+        plan = await self._solve(key, spec, state, work, rate, matrix, reason, now, generation)
         if not plan.solved:
             log.warning("[%s/%s] No feasible plan, node pools left as they are", *key)
             metrics.record_error(namespace, name, plan.status)
@@ -269,6 +276,7 @@ class Controller:
         matrix: list[list[float]] | None,
         reason: str,
         now: datetime,
+        generation: int,
     ) -> Plan:
         """The plan for this spec, rate and distribution: solved again only when one changed."""
         fitted = distribution.fitting(matrix, spec.buckets) if matrix is not None else None
@@ -276,13 +284,13 @@ class Controller:
             spec = spec.model_copy(
                 update={"workload": spec.workload.model_copy(update={"distribution": fitted})}
             )
-        inputs = json.dumps([spec.model_dump(mode="json"), rate], sort_keys=True)
+        # Within one uid, the generation names the spec (every spec change bumps it).
+        inputs = (generation, rate, fitted)
         if state.solved is not None and state.solved[0] == inputs:
             return state.solved[1]
         plan = await asyncio.to_thread(solver.solve_spec, spec, rate)
         state.solved = (inputs, plan)
-        trigger = {"SpecChange": "update", "Resync": "resume"}.get(reason, reason)
-        metrics.record_plan(*key, plan, _snake(trigger))
+        metrics.record_plan(*key, plan, SOLVE_TRIGGERS[reason])
         state.rate.solved_rate = plan.total_rate
         if decide.distribution_model(spec) is not None:
             state.rate.solved_distribution = fitted
@@ -314,19 +322,15 @@ class Controller:
         ]
         work.status["conditions"] = conditions.set_conditions(before, work.updates, generation, now)
         work.status["observedGeneration"] = generation
-        ready = next((c for c in work.updates if c.type == conditions.READY), None)
-        if ready is not None and conditions.transitioned(state.status.get("conditions"), ready):
+        ready = next(c for c in work.updates if c.type == conditions.READY)  # always derived
+        if conditions.transitioned(state.status.get("conditions"), ready):
             work.events.append(condition_event(ready))
         changed = {k: v for k, v in work.status.items() if state.status.get(k) != v}
-        changed.update({k: None for k in state.status if k not in work.status})
         if changed:
             await asyncio.to_thread(self.kube.patch_status, namespace, name, changed)
         state.status = {k: v for k, v in work.status.items() if v is not None}
         state.generation = generation
-        if ready is not None:
-            log.info(
-                "[%s/%s] Reconciled (%s): Ready=%s %s", *key, trigger, ready.status, ready.reason
-            )
+        log.info("[%s/%s] Reconciled (%s): Ready=%s %s", *key, trigger, ready.status, ready.reason)
         if retry:
             state.next_resync = asyncio.get_running_loop().time() + SCALE_RETRY_SECONDS
         for event in work.events:
@@ -344,7 +348,3 @@ class Controller:
                 raise
             except Exception as exc:
                 log.warning("[%s/%s] Cannot post an Event: %s", *key, exc)
-
-
-def _snake(name: str) -> str:
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")

@@ -13,7 +13,8 @@ from melange import api
 from melange.api.conditions import Condition
 from melange.controller import decide, metrics
 from melange.controller.errors import ScaleError
-from melange.controller.state import EventSpec, Key, Kube, Settings, Work
+from melange.controller.settings import Settings
+from melange.controller.state import EventSpec, Key, Kube, Work
 
 log = logging.getLogger("melange.controller")
 
@@ -35,7 +36,7 @@ class Pools:
 
     async def _target_key(self, namespace: str, ref: api.ObjectReference) -> decide.TargetKey:
         _, namespaced = await self._scope(ref)
-        return (namespace if namespaced else "", ref.group, ref.kind, ref.name)
+        return _key(namespace, ref, namespaced)
 
     async def _claims(self, key: Key) -> list[decide.Claim]:
         """Every other allocation's claim on its targets, from the specs as they are stored."""
@@ -81,7 +82,7 @@ class Pools:
             except ScaleError:
                 continue  # reported per pool below
             scopes[gpu.name] = namespaced
-            mine.append(await self._target_key(namespace, ref))
+            mine.append(_key(namespace, ref, namespaced))
             if not namespaced and resource not in self.settings.allow_cluster_scoped:
                 refused.append(
                     f"{decide.target_name(gpu)} ({gpu.name}): {resource} is cluster-scoped and not "
@@ -133,8 +134,8 @@ class Pools:
                         outcome = decide.ScaleOutcome(
                             gpu.name, target, want, previous=current, kept=current
                         )
-                    asked = record.desired if record is not None and current != want else want
-                    records[gpu.name] = decide.PoolRecord(target, asked, current)
+                    # not patched: at the plan, or left by Observe at a plan already asked for
+                    records[gpu.name] = decide.PoolRecord(target, want, current)
             except ScaleError as exc:
                 outcome = decide.ScaleOutcome(gpu.name, target, want, error=str(exc))
             outcomes.append(outcome)
@@ -155,6 +156,11 @@ class Pools:
         if patches or work.status.get("recentPatches") is not None:
             work.status["recentPatches"] = patches
         return decide.scaled_condition(outcomes, dry_run=False)
+
+
+def _key(namespace: str, ref: api.ObjectReference, namespaced: bool) -> decide.TargetKey:
+    """A target as ownership sees it: a cluster-scoped one is the same in every namespace."""
+    return (namespace if namespaced else "", ref.group, ref.kind, ref.name)
 
 
 def _reference(gpu: Any) -> api.ObjectReference | None:

@@ -1,14 +1,25 @@
-"""How `melange run` configures the controller: identity, the Lease, the allow-list."""
+"""How `melange run` configures the controller: identity, the Lease, the allow-list, the resync."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from melange.controller.state import Settings
+RESYNC_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the controller loop itself needs."""
+
+    resync_seconds: float = RESYNC_SECONDS
+    # "resource.group" of cluster-scoped kinds allocations may resize, e.g. nodepools.karpenter.sh
+    allow_cluster_scoped: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
 class RunSettings:
+    """Everything `melange run` sets: this replica, its Lease, and the controller's settings."""
+
     identity: str
     lease_namespace: str
     lease_name: str = "melange-operator"

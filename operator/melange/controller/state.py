@@ -18,7 +18,6 @@ from melange.plan.result import Plan
 from melange.signals import rates
 
 Key = tuple[str, str]  # (namespace, name)
-RESYNC_SECONDS = 30.0
 
 
 class Kube(Protocol):
@@ -48,14 +47,6 @@ class Kube(Protocol):
     def credentials(
         self, namespace: str, source: api.PrometheusSource
     ) -> tuple[str | None, str | None]: ...
-
-
-@dataclass(frozen=True)
-class Settings:
-    resync_seconds: float = RESYNC_SECONDS
-    allow_cluster_scoped: frozenset[str] = (
-        frozenset()
-    )  # "resource.group", e.g. nodepools.karpenter.sh
 
 
 @dataclass(frozen=True)
@@ -121,7 +112,8 @@ class AllocationState:
     next_poll: float = 0.0
     next_resync: float = 0.0
     polled_source: Any = None
-    solved: tuple[str, Plan] | None = None  # (what it was solved for, the plan)
+    # ((generation, rate, distribution) it was solved for, the plan)
+    solved: tuple[tuple[int, float | None, list[list[float]] | None], Plan] | None = None
     task: asyncio.Task[None] | None = None
 
 

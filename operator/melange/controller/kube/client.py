@@ -94,6 +94,10 @@ def _pointer_get(document: Any, pointer: str) -> Any:
     return node
 
 
+def _not_found(namespace: str | None) -> str:
+    return f"not found in namespace {namespace}" if namespace else "not found (cluster-scoped)"
+
+
 def _reason(exc: ApiException) -> str:
     """The API server's own message (Status.message) when it gave one."""
     body = getattr(exc, "body", None)
@@ -150,7 +154,6 @@ class KubeClient:
     ) -> Replicas:
         """The replica count; `namespace` None for a cluster-scoped kind."""
         resource = self._resource(ref)
-        where = f"in namespace {namespace}" if namespace else "(cluster-scoped)"
         try:
             if replicas_path:
                 obj = self._dynamic.get(resource, name=ref.name, namespace=namespace).to_dict()
@@ -165,7 +168,7 @@ class KubeClient:
                 (obj.get("metadata") or {}).get("resourceVersion"),
             )
         except NotFoundError:
-            raise ScaleError(f"not found {where}") from None
+            raise ScaleError(_not_found(namespace)) from None
         except ForbiddenError as exc:
             raise ScaleError(f"forbidden: {_reason(exc)}") from None
         except ApiException as exc:
@@ -190,7 +193,6 @@ class KubeClient:
         The write is conditional on the version just read (`known`, when the caller read it), so
         it never overwrites a change it did not see (another writer, or a new leader).
         """
-        where = f"in namespace {namespace}" if namespace else "(cluster-scoped)"
         for _ in range(CONFLICT_RETRIES):
             read = known or self.read_replicas(namespace, ref, replicas_path)
             known = None
@@ -202,7 +204,7 @@ class KubeClient:
             except ConflictError:
                 continue  # changed under us between read and write: read again
             except NotFoundError:
-                raise ScaleError(f"not found {where}") from None
+                raise ScaleError(_not_found(namespace)) from None
             except ForbiddenError as exc:
                 raise ScaleError(f"forbidden: {_reason(exc)}") from None
             except ApiException as exc:
@@ -221,9 +223,11 @@ class KubeClient:
         desired: int,
     ) -> None:
         resource = self._resource(ref)
+        body: Any
         if replicas_path:
             # `test` makes the write conditional on what was read, like a resourceVersion would.
-            body: Any = (
+            target, content_type = resource, JSON_PATCH
+            body = (
                 [{"op": "add", "path": replicas_path, "value": desired}]
                 if read.value is None
                 else [
@@ -231,27 +235,18 @@ class KubeClient:
                     {"op": "replace", "path": replicas_path, "value": desired},
                 ]
             )
-            self._guard()
-            self._dynamic.patch(
-                resource,
-                body=body,
-                name=ref.name,
-                namespace=namespace,
-                content_type=JSON_PATCH,
-                field_manager=FIELD_MANAGER,
-            )
-            return
-        merge: dict[str, Any] = {"spec": {"replicas": desired}}
-        if read.resource_version:
-            merge["metadata"] = {"resourceVersion": read.resource_version}
-        scale = self._scale_subresource(resource, ref)
+        else:
+            target, content_type = self._scale_subresource(resource, ref), MERGE_PATCH
+            body = {"spec": {"replicas": desired}}
+            if read.resource_version:
+                body["metadata"] = {"resourceVersion": read.resource_version}
         self._guard()
         self._dynamic.patch(
-            scale,
-            body=merge,
+            target,
+            body=body,
             name=ref.name,
             namespace=namespace,
-            content_type=MERGE_PATCH,
+            content_type=content_type,
             field_manager=FIELD_MANAGER,
         )
 
