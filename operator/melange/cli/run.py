@@ -55,11 +55,12 @@ from melange.cli.util import fail
 @click.option(
     "--liveness",
     metavar="URL",
-    help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.",
+    help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz, and a readiness probe at "
+    "/readyz on the same address and port.",
 )
 @click.option(
     "--kubeconfig",
-    type=click.Path(dir_okay=False, exists=True),
+    type=click.Path(dir_okay=False),
     help="Kubeconfig file; default: in-cluster credentials, else $KUBECONFIG or ~/.kube/config.",
 )
 @click.option(
@@ -88,14 +89,20 @@ def run(
     """Run the operator: reconcile MelangeAllocations and scale their node pools.
 
     Runs until interrupted (SIGINT/SIGTERM). Deleting an allocation leaves its node pools as they
-    are; the operator puts no finalizer on allocations.
+    are; the operator puts no finalizer on allocations. Outside a pod, no credentials or an API
+    server that cannot be reached or refuses them at start is one error and exit code 2; in a pod
+    it waits for the API server, not ready meanwhile.
     """
     import os
 
-    if kubeconfig:
-        os.environ["KUBECONFIG"] = kubeconfig
     from melange.controller import metrics
-    from melange.controller.kube.runner import default_lease_namespace, run_operator
+    from melange.controller.kube.runner import (
+        CredentialsError,
+        ProbeError,
+        connect,
+        default_lease_namespace,
+        run_operator,
+    )
     from melange.controller.settings import RunSettings, Settings
 
     bad = [name for name in cluster_scoped if "." not in name.strip(".")]
@@ -121,12 +128,24 @@ def run(
         ),
     )
 
+    try:
+        credentials = connect(kubeconfig)
+    except CredentialsError as exc:
+        fail([str(exc)], 2)
+
     if metrics_port:
         try:
             metrics.serve(metrics_port, metrics_address)
         except OSError as exc:
             fail([f"--metrics-port {metrics_port}: cannot listen: {exc.strerror or exc}"], 2)
 
-    run_operator(
-        namespaces=namespaces, liveness_endpoint=liveness, verbose=verbose, settings=settings
-    )
+    try:
+        run_operator(
+            namespaces=namespaces,
+            liveness_endpoint=liveness,
+            verbose=verbose,
+            settings=settings,
+            credentials=credentials,
+        )
+    except ProbeError as exc:
+        fail([str(exc)], 2)

@@ -6,6 +6,9 @@ discovery); the controller runs them in worker threads. Every write carries the 
 `melange-operator` and a user agent naming this replica, and is refused here, just before it is
 sent, when `may_write` says this replica no longer leads: a replica that lost its Lease never
 writes. Errors come back as one plain sentence that names the object, for conditions and Events.
+
+The credentials (`load_credentials`: a kubeconfig, or the pod's service account) are loaded at
+start and again at each Kopf login; `check_connection` asks the API server once, bounded.
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import copy
 import json
+import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import incluster_config
 from kubernetes.dynamic import DynamicClient
 from kubernetes.dynamic.exceptions import (
     ConflictError,
@@ -62,17 +70,168 @@ class Change:
         return self.previous != self.current
 
 
-def new_api_client(kubeconfig: str | None = None, user_agent: str | None = None) -> k8s.ApiClient:
-    """In-cluster credentials when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube)."""
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+SERVICE_ACCOUNT_DIR_ENV = "MELANGE_SERVICE_ACCOUNT_DIR"
+CONNECT_TIMEOUT = 5.0
+
+
+class CredentialsError(Exception):
+    """No usable credentials, or an API server that cannot be reached or refuses them: one
+    sentence naming the kubeconfig or the server."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the operator connects, and as whom: loaded once, then reloaded on each login."""
+
+    configuration: k8s.Configuration
+    in_cluster: bool
+    source: str  # "kubeconfig PATH" or "the service account in DIR"
+    kubeconfig: str | None  # what the credentials were loaded with (None: in-cluster first)
+
+    @property
+    def server(self) -> str:
+        return str(self.configuration.host)
+
+    def reload(self) -> Credentials:
+        return load_credentials(self.kubeconfig)
+
+    def api_client(self, user_agent: str | None = None) -> k8s.ApiClient:
+        api_client = k8s.ApiClient(self.configuration)
+        if user_agent:
+            api_client.user_agent = user_agent
+        return api_client
+
+    def bearer(self) -> tuple[str | None, str | None]:
+        """(scheme, token) of the Authorization header the credentials send, if any."""
+        header = self.configuration.get_api_key_with_prefix(
+            "BearerToken"
+        ) or self.configuration.get_api_key_with_prefix("authorization")
+        parts = header.split(" ", 1) if header else []
+        if not parts:
+            return None, None
+        return (None, parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _sentence(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def service_account_dir() -> str:
+    return os.environ.get(SERVICE_ACCOUNT_DIR_ENV) or SERVICE_ACCOUNT_DIR
+
+
+def in_pod() -> bool:
+    """The pod's environment is there: the API server's address and a service-account token."""
+    return bool(
+        os.environ.get("KUBERNETES_SERVICE_HOST")
+        and os.environ.get("KUBERNETES_SERVICE_PORT")
+        and os.path.isfile(os.path.join(service_account_dir(), "token"))
+    )
+
+
+def kubeconfig_path(kubeconfig: str | None) -> str:
+    """The kubeconfig `melange run` reads: the one given, else $KUBECONFIG, else ~/.kube/config."""
+    return os.path.expanduser(kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config")
+
+
+def load_credentials(kubeconfig: str | None = None) -> Credentials:
+    """`kubeconfig` when given; else the in-cluster service account in a pod; else $KUBECONFIG
+    or ~/.kube/config. Reads files only; CredentialsError says what is missing or broken."""
     configuration = k8s.Configuration()
+    if not kubeconfig and in_pod():
+        directory = service_account_dir()
+        loader = incluster_config.InClusterConfigLoader(
+            token_filename=os.path.join(directory, "token"),
+            cert_filename=os.path.join(directory, "ca.crt"),
+        )
+        try:
+            loader.load_and_set(configuration)
+        except (k8s_config.ConfigException, OSError) as exc:
+            raise CredentialsError(
+                f"the service account in {directory} cannot be used: {_sentence(exc)}"
+            ) from None
+        return Credentials(configuration, True, f"the service account in {directory}", None)
+    path = kubeconfig_path(kubeconfig)
+    paths = [p for p in path.split(os.pathsep) if p]
+    if not any(os.path.isfile(p) for p in paths):
+        if kubeconfig:
+            raise CredentialsError(f"--kubeconfig {path}: no such file")
+        pod = (
+            f"no service-account token in {service_account_dir()}"
+            if os.environ.get("KUBERNETES_SERVICE_HOST")
+            else "not in a pod"
+        )
+        hint = (
+            "from KUBECONFIG" if os.environ.get("KUBECONFIG") else "set --kubeconfig or KUBECONFIG"
+        )
+        raise CredentialsError(
+            f"no Kubernetes credentials: {pod}, and no kubeconfig at {path} ({hint})"
+        )
     try:
-        k8s_config.load_incluster_config(client_configuration=configuration)
-    except k8s_config.ConfigException:
-        k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
-    api_client = k8s.ApiClient(configuration)
-    if user_agent:
-        api_client.user_agent = user_agent
-    return api_client
+        k8s_config.load_kube_config(config_file=path, client_configuration=configuration)
+    except Exception as exc:  # a YAML, I/O or config error: one line, not a traceback
+        raise CredentialsError(f"kubeconfig {path}: {_sentence(exc)}") from None
+    return Credentials(configuration, False, f"kubeconfig {path}", kubeconfig)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """What a failed connection came down to: `connection refused`, `timed out`, a TLS error."""
+    chain: list[BaseException] = []
+    node: BaseException | None = exc
+    while node is not None and node not in chain:
+        chain.append(node)
+        nested = getattr(node, "reason", None)
+        node = nested if isinstance(nested, BaseException) else (node.__cause__ or node.__context__)
+    for link in chain:
+        if isinstance(link, ssl.SSLError):
+            return f"TLS: {_sentence(link)}"
+        if isinstance(link, OSError) and link.strerror and not isinstance(link, TimeoutError):
+            return str(link.strerror)[:1].lower() + str(link.strerror)[1:]
+    for link in chain:
+        if isinstance(link, TimeoutError) or (
+            isinstance(link, urllib3.exceptions.TimeoutError)
+            and not isinstance(link, urllib3.exceptions.NewConnectionError)
+        ):
+            return "timed out"
+    return _sentence(chain[-1])
+
+
+def check_connection(credentials: Credentials, timeout: float = CONNECT_TIMEOUT) -> None:
+    """One request, bounded by `timeout`, no retries: the operator's API group's discovery, as
+    the credentials' user. CredentialsError when the server cannot be reached, rejects the
+    credentials, refuses them the group, or does not serve it (the CRD is not installed)."""
+    configuration = copy.deepcopy(credentials.configuration)
+    configuration.retries = 0
+    where = f"the API server {credentials.server} ({credentials.source})"
+    try:
+        with k8s.ApiClient(configuration) as api_client:
+            k8s.CustomObjectsApi(api_client).get_api_resources(
+                GROUP, VERSION, _request_timeout=(timeout, timeout)
+            )
+    except ApiException as exc:
+        if exc.status == 401:
+            raise CredentialsError(
+                f"{where} rejected the credentials (401 Unauthorized): {_reason(exc)}"
+            ) from None
+        if exc.status == 403:
+            raise CredentialsError(
+                f"{where} refused access to {GROUP}/{VERSION} (403 Forbidden): {_reason(exc)}"
+            ) from None
+        if exc.status == 404:
+            raise CredentialsError(
+                f"{where} does not serve {GROUP}/{VERSION}: install the CRD first"
+            ) from None
+        raise CredentialsError(f"{where} answered {exc.status}: {_reason(exc)}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise CredentialsError(f"cannot reach {where}: {_root_cause(exc)}") from None
+    except Exception as exc:  # e.g. an exec plugin that fails
+        raise CredentialsError(f"cannot reach {where}: {_sentence(exc)}") from None
+
+
+def new_api_client(kubeconfig: str | None = None, user_agent: str | None = None) -> k8s.ApiClient:
+    """A client with `load_credentials(kubeconfig)`."""
+    return load_credentials(kubeconfig).api_client(user_agent)
 
 
 def kubeconfig_namespace(kubeconfig: str | None) -> str | None:

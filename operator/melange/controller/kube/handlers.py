@@ -7,8 +7,10 @@ operator. The controller (`melange.controller.loop`) does all reconciling and is
 
 from __future__ import annotations
 
+import asyncio
 import copy
-from typing import Any
+import logging
+from typing import TYPE_CHECKING, Any
 
 import kopf
 
@@ -18,12 +20,40 @@ from melange.controller.kube.client import (
     GROUP,
     PLURAL,
     VERSION,
+    Credentials,
+    CredentialsError,
     KubeClient,
-    new_api_client,
+    check_connection,
 )
 from melange.controller.lease import LeaderElector
 from melange.controller.loop import Controller
 from melange.controller.settings import RunSettings
+
+if TYPE_CHECKING:
+    from melange.controller.kube.runner import Health
+
+log = logging.getLogger("melange.startup")
+
+#: Seconds between attempts to reach the API server at start-up: doubling, then every 30 s.
+RETRY_FIRST, RETRY_MAX = 1.0, 30.0
+
+
+async def wait_for_api_server(credentials: Credentials) -> None:
+    """Ask the API server until it answers (in a pod it may not yet be reachable, or the RBAC
+    not yet bound): one warning per failed attempt, no traceback, never giving up."""
+    delay, attempt = RETRY_FIRST, 0
+    while True:
+        attempt += 1
+        try:
+            await asyncio.to_thread(check_connection, credentials)
+        except CredentialsError as exc:
+            log.warning("attempt %d: %s; next attempt in %.0f s", attempt, exc, delay)
+        else:
+            if attempt > 1:
+                log.info("the API server %s answered (attempt %d)", credentials.server, attempt)
+            return
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_MAX)
 
 
 @kopf.on.startup()
@@ -40,7 +70,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # patterns: no run-time watching of CRDs and namespaces, so no cluster-wide RBAC for them.
     settings.scanning.disabled = True
 
-    api_client = new_api_client(run.kubeconfig, user_agent=f"{COMPONENT}/{run.identity}")
+    # Kopf's watch starts only once this returns: wait here for the API server (outside a pod,
+    # `melange run` has already had it answer once). The probes are up meanwhile, not ready.
+    credentials: Credentials = memo["credentials"]
+    await wait_for_api_server(credentials)
+    api_client = credentials.api_client(user_agent=f"{COMPONENT}/{run.identity}")
     elector: LeaderElector | None = None
     kube = KubeClient(api_client, run.identity)
     if run.leader_elect:
@@ -56,6 +90,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     else:
         metrics.record_leader(True)
     controller.start()
+    health: Health | None = memo.get("health")
+    if health is not None:
+        health.ready = True
 
 
 @kopf.on.cleanup()
@@ -70,9 +107,28 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In-cluster service account first, else the kubeconfig; Kopf's own readers."""
-    return kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """Kopf's connection from the same credentials as the controller's client, read again at each
+    (re-)login (a service-account token is rotated). A failure is one error line, then a retry."""
+    try:
+        credentials: Credentials = memo["credentials"].reload()
+    except CredentialsError as exc:
+        raise kopf.TemporaryError(str(exc), delay=10) from None
+    configuration = credentials.configuration
+    scheme, token = credentials.bearer()
+    return kopf.ConnectionInfo(
+        server=credentials.server,
+        ca_path=configuration.ssl_ca_cert,
+        insecure=not configuration.verify_ssl,
+        username=configuration.username or None,
+        password=configuration.password or None,
+        scheme=scheme,
+        token=token,
+        certificate_path=configuration.cert_file,
+        private_key_path=configuration.key_file,
+        proxy_url=configuration.proxy or None,
+        trust_env=settings.networking.trust_env,
+    )
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
