@@ -5,12 +5,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Any
 
 import click
 import yaml
 
-from melange.cli.util import EXIT_INVALID, OUTPUT_FORMAT, dump, fail, optional_edges
+from melange.cli.util import (
+    EXIT_INVALID,
+    OUTPUT_FORMAT,
+    dump,
+    fail,
+    load_named,
+    optional_edges,
+    read_spec,
+    user_profiles_dir,
+)
 from melange.plan import report
 from melange.tools import perfmodel, profiles
 from melange.tools.profiles import build as profile_build
@@ -36,18 +44,11 @@ _DIR = click.option(
 )
 
 
-def _user_dir(user_dir: Path | None) -> Path:
-    """The user profile directory; files in it that are not valid profiles are warned about."""
-    directory = user_dir if user_dir is not None else profiles.user_profile_dir()
-    for problem in profiles.load_user_profiles(directory).problems:
-        click.echo(f"warning: {problem} (ignored)", err=True)
-    return directory
-
-
 @profiles_group.command("list")
 @_DIR
 def profiles_list(user_dir: Path | None) -> None:
-    """List the shipped profiles and the imported (measured) ones."""
+    """List the shipped profiles and the imported (measured) ones, then any profile the library
+    leaves out because the model says it serves no bucket, with why."""
     rows = [
         [
             p.name,
@@ -57,11 +58,17 @@ def profiles_list(user_dir: Path | None) -> None:
             f"{p.cost_per_hour:.2f}",
             p.source,
         ]
-        for p in profiles.list_profiles(_user_dir(user_dir))
+        for p in profiles.list_profiles(user_profiles_dir(user_dir))
     ]
     header = ["PROFILE", "GPU", "MODEL", "TPOT SLO", "COST/H", "SOURCE"]
     for line in report.format_table(header, rows):
         click.echo(line)
+    listed = {row[0] for row in rows}
+    withheld = {n: why for n, why in profiles.withheld_profiles().items() if n not in listed}
+    if withheld:
+        click.echo("")
+    for name, why in withheld.items():
+        click.echo(f"{name} is not shipped: {why}")
 
 
 @profiles_group.command("show")
@@ -72,13 +79,26 @@ def profiles_list(user_dir: Path | None) -> None:
     is_flag=True,
     help="Print just the spec.gpus[] entry (name, costPerHour, throughput) to paste into a spec.",
 )
+@click.option(
+    "--workload",
+    "workload_file",
+    type=click.Path(dir_okay=False, allow_dash=True),
+    help="Refuse (exit 2) unless the profile was made for the bucket edges of this file: the "
+    "output of `melange workload`, or an allocation.",
+)
 @_DIR
-def profiles_show(name: str, output: str, entry_only: bool, user_dir: Path | None) -> None:
+def profiles_show(
+    name: str, output: str, entry_only: bool, workload_file: str | None, user_dir: Path | None
+) -> None:
     """Print the profile NAME (see `melange profiles list`) with the inputs it was estimated from."""
-    try:
-        profile = profiles.load_profile(name, _user_dir(user_dir))
-    except profiles.UnknownProfileError as exc:
-        fail([str(exc)], EXIT_INVALID)
+    profile = load_named(name, user_profiles_dir(user_dir))
+    if workload_file is not None:
+        edges = profiles.edges_of(read_spec(workload_file)[0])
+        if edges is None:
+            fail([f"{workload_file}: has no valid buckets.inputTokens/outputTokens"], EXIT_INVALID)
+        mismatch = profiles.edges_mismatch(name, profile, edges)
+        if mismatch is not None:
+            fail([mismatch], EXIT_INVALID)
     click.echo(dump(profiles.gpu_entry(profile) if entry_only else profile, output), nl=False)
 
 
@@ -187,13 +207,8 @@ def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None)
     cost on an instance kept busy at its profiled throughput ('-': the profile cannot serve the
     bucket). The profiles must share their bucket edges.
     """
-    directory = _user_dir(user_dir)
-    documents: dict[str, dict[str, Any]] = {}
-    try:
-        for name in names:
-            documents[name] = profiles.load_profile(name, directory)
-    except profiles.UnknownProfileError as exc:
-        fail([str(exc)], EXIT_INVALID)
+    directory = user_profiles_dir(user_dir)
+    documents = {name: load_named(name, directory) for name in names}
     try:
         table = profiles.compare_profiles(documents)
     except profiles.ProfileError as exc:

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,7 +20,10 @@ from melange.cli.util import (
     EXIT_UNSOLVED,
     dump,
     fail,
+    load_named,
     read_allocation,
+    read_spec,
+    user_profiles_dir,
 )
 from melange.plan import report
 from melange.plan import result as plan_result
@@ -59,6 +65,21 @@ from melange.plan import result as plan_result
     help="Seconds for the whole command, reading the input included; past it the best plan found "
     "is printed as 'Feasible' with its gap to the lower bound.",
 )
+@click.option(
+    "--profile",
+    "profile_names",
+    metavar="NAME",
+    multiple=True,
+    help="Add this profile's spec.gpus[] entry (shipped or imported; repeatable). FILE then needs "
+    "only the buckets and the workload, e.g. the output of `melange workload`; a profile made for "
+    "other bucket edges is refused.",
+)
+@click.option(
+    "--profiles-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="User profile directory for --profile [default: $MELANGE_PROFILES_DIR, else "
+    "$XDG_DATA_HOME/melange/profiles, else ~/.local/share/melange/profiles].",
+)
 def solve(
     file: str,
     output: str,
@@ -66,6 +87,8 @@ def solve(
     slice_factor: int | None,
     method: plan_result.Method,
     time_limit: float,
+    profile_names: tuple[str, ...],
+    profiles_dir: Path | None,
 ) -> None:
     """Print the cheapest plan for the allocation in FILE ('-' reads stdin).
 
@@ -74,15 +97,22 @@ def solve(
     single-GPU-type plan. Exits 0 with a plan (status Optimal when proven, Feasible when the time limit
     cut the search short), 1 when infeasibility is proven, 2 when the input is invalid, 4 when the
     time limit ran out with neither a plan nor a proof.
+
+    With --profile, FILE's buckets and workload are solved with the named profiles (added after
+    any gpus FILE has); a profile made for other bucket edges than FILE's exits 2 with one line
+    naming both.
     """
     started = time.monotonic()
-    allocation = read_allocation(file)
-    if rate is not None and math.isnan(rate):  # NaN passes FloatRange
+    if profile_names:
+        spec = _with_profiles(file, profile_names, profiles_dir)
+    else:
+        spec = read_allocation(file).spec
+    if rate is not None and not math.isfinite(rate):  # NaN and inf pass FloatRange
         fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
     from melange.plan import solver
     from melange.plan.problem import Problem
 
-    problem = Problem.from_spec(allocation.spec, rate=rate, slice_factor=slice_factor)
+    problem = Problem.from_spec(spec, rate=rate, slice_factor=slice_factor)
     plan = solver.solve(problem, method=method, time_limit=time_limit, started=started)
     if output == "table":
         click.echo(report.render_table(plan), nl=False)
@@ -92,3 +122,22 @@ def solve(
         fail([f"infeasible: {plan.reason}"], EXIT_INFEASIBLE)
     if plan.status == "Unsolved":
         fail([f"unsolved: {plan.reason}"], EXIT_UNSOLVED)
+
+
+def _with_profiles(file: str, names: tuple[str, ...], directory: Path | None) -> api.AllocationSpec:
+    """FILE's spec with a gpus[] entry per named profile; every problem exits 2."""
+    from melange.tools import profiles
+
+    raw, prefix = read_spec(file)
+    user_dir = user_profiles_dir(directory)
+    chosen = {name: load_named(name, user_dir) for name in dict.fromkeys(names)}
+    composed: Any = raw  # not a mapping: its validation says so
+    if isinstance(raw, Mapping):
+        try:
+            composed = profiles.compose_spec(raw, chosen)
+        except profiles.ProfileError as exc:
+            fail(exc.errors, EXIT_INVALID)
+    try:
+        return api.validate_spec(composed, prefix)
+    except api.SpecError as exc:
+        fail([str(e) for e in exc.errors], EXIT_INVALID)

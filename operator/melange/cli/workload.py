@@ -17,8 +17,10 @@ from melange.cli.util import (
     OUTPUT_FORMAT,
     dump,
     fail,
+    load_named,
     optional_edges,
     read_allocation,
+    user_profiles_dir,
 )
 from melange.tools import workload
 
@@ -50,6 +52,18 @@ def _progress_bar(label: str, total: int) -> Iterator[Callable[[int], None] | No
 @click.option(
     "--output-edges",
     help="Output-length bucket edges in tokens, comma-separated; default: quantiles of the log.",
+)
+@click.option(
+    "--edges-from",
+    metavar="PROFILE",
+    help="Take both axes' bucket edges from this profile (shipped or imported; see `melange "
+    "profiles list`), so the workload can be solved with it.",
+)
+@click.option(
+    "--profiles-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="User profile directory for --edges-from [default: $MELANGE_PROFILES_DIR, else "
+    "$XDG_DATA_HOME/melange/profiles, else ~/.local/share/melange/profiles].",
 )
 @click.option(
     "--buckets",
@@ -100,6 +114,8 @@ def workload_command(
     log: str | None,
     input_edges: str | None,
     output_edges: str | None,
+    edges_from: str | None,
+    profiles_dir: Path | None,
     buckets: int,
     rate: float | None,
     prometheus_url: str | None,
@@ -124,9 +140,20 @@ def workload_command(
     the window; the matrix is the one with those sums closest to the prior (iterative
     proportional fitting), as the operator's workload.fromPrometheus does. Exits 0 on success,
     2 when the input gives no workload.
+
+    A profile serves only the bucket edges it was made for: --edges-from PROFILE takes them. Edges
+    computed from quantiles that fit no shipped or imported profile are pointed out on stderr.
     """
     if rate is not None and not math.isfinite(rate):
         fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
+    ins, outs = optional_edges(input_edges), optional_edges(output_edges)
+    if edges_from is not None:
+        if ins is not None or outs is not None or allocation is not None:
+            fail(
+                ["give --edges-from, --input-edges/--output-edges or --allocation, not two"],
+                EXIT_INVALID,
+            )
+        ins, outs = _profile_edges(edges_from, profiles_dir)
     if prometheus_url is not None:
         if log is not None:
             fail(["give a LOG or --from-prometheus, not both"], EXIT_INVALID)
@@ -134,7 +161,7 @@ def workload_command(
             prometheus_url,
             model,
             window,
-            _live_prior(allocation, optional_edges(input_edges), optional_edges(output_edges)),
+            _live_prior(allocation, ins, outs),
             rate,
             (bearer_token_file, ca_file),
             output,
@@ -145,8 +172,8 @@ def workload_command(
     try:
         result = workload.build_workload(
             None if log == "-" else Path(log),
-            input_edges=optional_edges(input_edges),
-            output_edges=optional_edges(output_edges),
+            input_edges=ins,
+            output_edges=outs,
             buckets=buckets,
             rate=rate,
             progress=_progress_bar,
@@ -156,12 +183,40 @@ def workload_command(
     source = "<stdin>" if log == "-" else log
     for line in workload.warning_lines(result, source):
         click.echo(f"warning: {line}", err=True)
+    if ins is None or outs is None:
+        fits = _fitting_profiles((result.input_edges, result.output_edges), profiles_dir)
+        if fits is not None:
+            click.echo(f"warning: {fits}", err=True)
     fragment = result.spec_fragment()
     if output == "json":
         click.echo(dump(fragment, output), nl=False)
     else:
         comment = "".join(f"# {line}\n" for line in workload.summary_lines(result, source))
         click.echo(comment + dump(fragment, output), nl=False)
+
+
+def _profile_edges(name: str, profiles_dir: Path | None) -> tuple[list[int], list[int]]:
+    """The bucket edges profile `name` was made for; an unknown or invalid profile exits 2."""
+    from melange.tools import profiles
+
+    edges = profiles.edges_of(load_named(name, user_profiles_dir(profiles_dir)))
+    assert edges is not None  # a loaded profile has valid edges
+    return edges
+
+
+def _fitting_profiles(edges: tuple[list[int], list[int]], profiles_dir: Path | None) -> str | None:
+    """A line saying how to take a profile's edges when no profile was made for `edges`."""
+    from melange.tools import profiles
+
+    user_dir = profiles_dir if profiles_dir is not None else profiles.user_profile_dir()
+    if profiles.profiles_for_edges(edges, user_dir):
+        return None
+    example = profiles.list_profiles()[0].name
+    return (
+        "these quantile edges fit no shipped or imported profile (a profile serves only the "
+        "bucket edges it was made for); to solve with one, take its edges with --edges-from "
+        f"PROFILE, e.g. --edges-from {example}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

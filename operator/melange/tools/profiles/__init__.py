@@ -9,6 +9,11 @@ Measured profiles (`source: measured`, optionally `measurement:` saying how) are
 user profile directory: `$MELANGE_PROFILES_DIR`, else `$XDG_DATA_HOME/melange/profiles` (by default
 `~/.local/share/melange/profiles`). Listing and loading with a `user_dir` gives the user's profiles
 alongside the shipped ones; a user profile with the name of a shipped one replaces it.
+
+Every profile carries the bucket edges it was made for (`buckets`), and its throughput matrix has
+their shape. A spec composed from profiles and a workload (`compose_spec`) refuses a profile made
+for other edges, even one whose matrix happens to have the right shape: its rows would be read as
+other buckets. A profile whose every throughput is 0 serves nothing and is refused when loaded.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ MEASURED_REQUIRED_KEYS = (
     "throughput",
 )
 MEASURED_OPTIONAL_KEYS = ("measurement", "description")
+SHIPPED_OPTIONAL_KEYS = ("estimate", "description")
 
 
 @dataclass(frozen=True)
@@ -58,14 +64,17 @@ class ProfileInfo:
 
 
 class UnknownProfileError(KeyError):
-    """No shipped profile has that name; the message lists the ones that exist."""
+    """No profile has that name; the message lists the ones that exist, or why it is not shipped."""
 
-    def __init__(self, name: str, available: list[str]) -> None:
+    def __init__(self, name: str, available: list[str], withheld: str | None = None) -> None:
         self.name = name
         self.available = available
+        self.withheld = withheld
         super().__init__(name)
 
     def __str__(self) -> str:  # KeyError would print the repr of its argument
+        if self.withheld is not None:
+            return f"profile {self.name} is not shipped: {self.withheld}"
         return f"unknown profile {self.name!r}; available: {', '.join(self.available) or '(none)'}"
 
 
@@ -106,15 +115,21 @@ def list_profiles(user_dir: Path | None = None) -> list[ProfileInfo]:
 def load_profile(name: str, user_dir: Path | None = None) -> dict[str, Any]:
     """A profile by name: a `spec.gpus[]` entry plus its metadata (a fresh copy).
 
-    With `user_dir`, a user profile of that name comes first. Raises `UnknownProfileError` (a
-    `KeyError`) listing the available names.
+    With `user_dir`, a user profile of that name comes first (user profiles that are not valid
+    are never loaded). Raises `UnknownProfileError` (a `KeyError`) listing the available names, or
+    saying why a profile the library leaves out is not shipped, and `ProfileError` for a shipped
+    profile that is not valid (its metadata, its matrix against its edges, or a profile that
+    serves no bucket).
     """
     user = load_user_profiles(user_dir).documents if user_dir is not None else {}
     if name in user:
         return user[name][1]
     documents = _documents()
     if name not in documents:
-        raise UnknownProfileError(name, sorted({*documents, *user}))
+        raise UnknownProfileError(name, sorted({*documents, *user}), withheld_profiles().get(name))
+    errors = check_profile(documents[name], shipped=True)
+    if errors:
+        raise ProfileError([f"shipped profile {name} is not valid: {e}" for e in errors])
     return documents[name]
 
 
@@ -142,21 +157,25 @@ def user_profile_dir(environ: Mapping[str, str] | None = None) -> Path:
     return base / "melange" / "profiles"
 
 
-def validate_profile(document: Any) -> list[str]:
+def validate_profile(document: Any, *, shipped: bool = False) -> list[str]:
     """Every problem with a measured profile document, as `field: message` lines (empty: valid).
 
     The shape is the shipped one with `source: measured`: `profile` (the name, lower-case words
     joined by `/`, e.g. `llama-3.1-8b/l4/tpot-40ms`), `name` (the GPU type), `costPerHour`,
     `model`, `tpotSeconds`, `buckets` and `throughput` (one row per input bucket, one column per
     output bucket, req/s), and optionally `measurement` (a mapping: how, when, with what) and
-    `description`. The GPU entry is checked by the same rules as `spec.gpus[]`.
+    `description`. The GPU entry is checked by the same rules as `spec.gpus[]`, its throughput
+    against its own `buckets`. With `shipped`, the document is a shipped estimate: `source:
+    estimate`, and `estimate:` (the model's inputs) instead of `measurement:`.
     """
     if not isinstance(document, Mapping):
         return [f"must be a mapping (a profile document), got {type(document).__name__}"]
+    optional = SHIPPED_OPTIONAL_KEYS if shipped else MEASURED_OPTIONAL_KEYS
+    source = "estimate" if shipped else "measured"
     errors = [f"{key}: is required" for key in MEASURED_REQUIRED_KEYS if key not in document] + [
         f"{key}: is not a known field"
         for key in document
-        if key not in MEASURED_REQUIRED_KEYS and key not in MEASURED_OPTIONAL_KEYS
+        if key not in MEASURED_REQUIRED_KEYS and key not in optional
     ]
     name = document.get("profile")
     if "profile" in document and (
@@ -166,8 +185,8 @@ def validate_profile(document: Any) -> list[str]:
             "profile: must be lower-case letters, digits, '.', '_' or '-', in parts joined by '/' "
             f"(e.g. llama-3.1-8b/l4/tpot-40ms), at most {MAX_PROFILE_NAME} characters, got {name!r}"
         )
-    if "source" in document and document["source"] != "measured":
-        errors.append(f"source: must be 'measured', got {document['source']!r}")
+    if "source" in document and document["source"] != source:
+        errors.append(f"source: must be {source!r}, got {document['source']!r}")
     if "model" in document and (not isinstance(document["model"], str) or not document["model"]):
         errors.append(f"model: must be a non-empty string, got {document['model']!r}")
     tpot = document.get("tpotSeconds")
@@ -178,8 +197,9 @@ def validate_profile(document: Any) -> list[str]:
         and tpot > 0
     ):
         errors.append(f"tpotSeconds: must be a number > 0, got {tpot!r}")
-    if "measurement" in document and not isinstance(document["measurement"], Mapping):
-        errors.append("measurement: must be a mapping")
+    for key in ("measurement", "estimate"):
+        if key in document and key in optional and not isinstance(document[key], Mapping):
+            errors.append(f"{key}: must be a mapping")
     if "description" in document and not isinstance(document["description"], str):
         errors.append("description: must be a string")
 
@@ -210,6 +230,26 @@ def validate_profile(document: Any) -> list[str]:
     return errors
 
 
+def check_profile(document: Any, *, shipped: bool = False) -> list[str]:
+    """`validate_profile`, and a profile that serves no bucket (every throughput 0) is refused:
+    the rule for a profile to be loaded or imported (a measurement may well find all zeros)."""
+    errors = validate_profile(document, shipped=shipped)
+    if not errors and not serves_any(document["throughput"]):
+        errors.append(
+            f"throughput: every entry is 0: profile {document['profile']} serves no bucket, so it "
+            "has no place in a spec"
+        )
+    return errors
+
+
+def serves_any(throughput: Any) -> bool:
+    """Whether a throughput matrix has a bucket with a throughput above 0."""
+    rows = throughput if isinstance(throughput, list) else []
+    return any(
+        isinstance(v, int | float) and v > 0 for row in rows if isinstance(row, list) for v in row
+    )
+
+
 @dataclass(frozen=True)
 class UserProfiles:
     documents: dict[str, tuple[Path, dict[str, Any]]]  # profile name -> (file, document)
@@ -228,7 +268,7 @@ def load_user_profiles(directory: Path) -> UserProfiles:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             problems.append(f"{path}: cannot read: {exc}")
             continue
-        errors = validate_profile(document)
+        errors = check_profile(document)
         if errors:
             problems.append(f"{path}: not a valid profile: {errors[0]}")
             continue
@@ -262,7 +302,7 @@ def import_profile(source: str, text: str, directory: Path, *, force: bool = Fal
     if len(documents) != 1:
         raise ProfileError([f"{source}: must hold exactly one document, got {len(documents)}"])
     document = documents[0]
-    errors = validate_profile(document)
+    errors = check_profile(document)
     if errors:
         raise ProfileError([f"{source}: {e}" for e in errors])
     target = directory / file_name(str(document["profile"]))
@@ -354,3 +394,116 @@ def compare_profiles(documents: Mapping[str, Mapping[str, Any]]) -> dict[str, An
         "buckets": {"inputTokens": ins, "outputTokens": outs},
         "rows": rows,
     }
+
+
+# --- edges: a profile against a workload ----------------------------------------------------------
+
+Edges = tuple[list[int], list[int]]  # (input edges, output edges)
+
+
+def _integers(value: Any) -> list[int] | None:
+    """A list of integral numbers as ints (8.0 is 8, as the spec reads it); None otherwise."""
+    if not isinstance(value, list):
+        return None
+    items = [int(v) if isinstance(v, float) and v.is_integer() else v for v in value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in items):
+        return None
+    return items
+
+
+def edges_of(spec: Any) -> Edges | None:
+    """The bucket edges of a raw spec or profile document (its `buckets`); None when malformed."""
+    buckets = spec.get("buckets") if isinstance(spec, Mapping) else None
+    if not isinstance(buckets, Mapping):
+        return None
+    ins, outs = _integers(buckets.get("inputTokens")), _integers(buckets.get("outputTokens"))
+    return None if ins is None or outs is None else (ins, outs)
+
+
+def edges_mismatch(name: str, profile: Mapping[str, Any], edges: Edges) -> str | None:
+    """One line when profile `name` was made for other bucket edges than `edges`, else None.
+
+    A profile's throughput is per bucket of its own edges: with other edges its rows and columns
+    stand for other request sizes, whether or not the matrix happens to have the right shape.
+    """
+    lines = edges_mismatches({name: profile}, edges)
+    return lines[0] if lines else None
+
+
+def edges_mismatches(chosen: Mapping[str, Mapping[str, Any]], edges: Edges) -> list[str]:
+    """A line per set of edges, other than `edges`, that profiles in `chosen` were made for."""
+    groups: dict[str, list[str]] = {}
+    for name, profile in chosen.items():
+        own = edges_of(profile)
+        if own != (list(edges[0]), list(edges[1])):
+            ins, outs = own if own is not None else (profile.get("buckets"), None)
+            groups.setdefault(f"input edges {ins} / output edges {outs}", []).append(name)
+    workload = f"the workload's are {list(edges[0])} / {list(edges[1])}"
+    return [
+        f"profile {names[0]} was made for {own}; {workload}"
+        if len(names) == 1
+        else f"profiles {', '.join(names)} were made for {own}; {workload}"
+        for own, names in groups.items()
+    ]
+
+
+def profiles_for_edges(edges: Edges, user_dir: Path | None = None) -> list[str]:
+    """The shipped (and, with `user_dir`, user) profiles made for exactly these edges."""
+    user = load_user_profiles(user_dir).documents if user_dir is not None else {}
+    documents = {**_documents(), **{name: doc for name, (_, doc) in user.items()}}
+    return sorted(name for name, doc in documents.items() if edges_of(doc) == edges)
+
+
+class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader, reading YAML 1.2's exponent floats (1e3) as numbers as the spec does."""
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
+    list("-+.0123456789"),
+)
+
+
+def parse_spec_document(text: str, source: str) -> tuple[Any, str]:
+    """The raw spec in YAML or JSON `text`: a manifest's `spec`, or a bare spec (such as the
+    `buckets` and `workload` blocks `melange workload` prints), with the path prefix of its
+    fields ("spec" or ""). Raises `ProfileError` when the text is not one YAML document."""
+    try:
+        documents = [d for d in yaml.load_all(text, Loader=_SpecLoader) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ProfileError([f"{source}: not valid YAML: {exc}"]) from None
+    if len(documents) != 1:
+        raise ProfileError([f"{source}: must hold exactly one document, got {len(documents)}"])
+    document = documents[0]
+    if isinstance(document, Mapping) and "spec" in document:
+        return document["spec"], "spec"
+    return document, ""
+
+
+def compose_spec(
+    spec: Mapping[str, Any], chosen: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """A raw spec with a `gpus[]` entry per profile in `chosen` (profile name -> document) added.
+
+    `spec` holds at least the buckets and the workload (entries already in its `gpus` stay first).
+    Raises `ProfileError` when a profile was made for other bucket edges than the spec's: one
+    line per set of such edges, naming the profiles and both edge sets.
+    The result is raw: validate it as any spec (malformed edges are reported there).
+    """
+    edges = edges_of(spec)
+    if edges is not None:
+        errors = edges_mismatches(chosen, edges)
+        if errors:
+            raise ProfileError(errors)
+    given = spec.get("gpus", [])
+    if not isinstance(given, list):
+        return dict(spec)  # not a list: the spec's validation says so
+    return {**spec, "gpus": given + [gpu_entry(doc) for doc in chosen.values()]}
+
+
+def withheld_profiles() -> dict[str, str]:
+    """The profiles the library leaves out (the model says they serve no bucket), and why."""
+    from melange.tools.profiles.build import withheld_profiles as withheld
+
+    return withheld()

@@ -2,6 +2,10 @@
 
 Re-runnable and deterministic: `python -m melange.tools.profiles.build` rewrites every file from the model
 alone, and a unit test compares the files with `shipped_profile_files()` so they cannot drift.
+
+A profile the model says serves no bucket at all (every throughput 0) is not shipped: a GPU type
+that can serve nothing has no place in a spec. `withheld_profiles()` names each one with the reason,
+which `melange profiles list` prints.
 """
 
 from __future__ import annotations
@@ -49,11 +53,53 @@ def render_profile(profile: Mapping[str, Any]) -> str:
     return HEADER + body
 
 
+def _serves_any(profile: Mapping[str, Any]) -> bool:
+    return any(v > 0 for row in profile["throughput"] for v in row)
+
+
+def shipped_profiles() -> dict[str, dict[str, Any]]:
+    """The generated profiles that serve at least one bucket, by name."""
+    return {n: p for n, p in generate_shipped_profiles().items() if _serves_any(p)}
+
+
+def why_empty(profile: Mapping[str, Any]) -> str:
+    """Why the model gives a profile no throughput in any bucket, from the model's own inputs."""
+    inputs = profile["estimate"]
+    gpu, model, engine = inputs["gpu"], inputs["model"], inputs["engine"]
+    slo_ms = float(inputs["tpotSloSeconds"]) * 1000
+    bandwidth = float(gpu["memoryBandwidth"]) * float(gpu["bandwidthEfficiency"])
+    weights = float(model["params"]) * float(model["bytesPerParam"])
+    weights_ms = weights / bandwidth * 1000
+    overhead_ms = (
+        float(engine["stepOverheadSeconds"]) + float(engine["perSequenceOverheadSeconds"])
+    ) * 1000
+    if weights_ms + overhead_ms > slo_ms:
+        return (
+            f"the performance model estimates one {gpu['name']} cannot serve any bucket of "
+            f"{model['name']} within a {slo_ms:g} ms TPOT: every decode step reads the "
+            f"{weights / 1e9:.2f} GB of weights at {bandwidth / 1e9:.0f} GB/s "
+            f"({float(gpu['bandwidthEfficiency']):.0%} of {float(gpu['memoryBandwidth']) / 1e9:.0f} "
+            f"GB/s), {weights_ms:.1f} ms, plus {overhead_ms:.2f} ms of engine overhead"
+        )
+    return (
+        f"the performance model estimates one {gpu['name']} cannot serve any bucket of "
+        f"{model['name']} within a {slo_ms:g} ms TPOT"
+    )
+
+
+def withheld_profiles() -> dict[str, str]:
+    """The generated profiles that serve no bucket, which are not shipped, and why."""
+    return {
+        name: why_empty(profile)
+        for name, profile in generate_shipped_profiles().items()
+        if not _serves_any(profile)
+    }
+
+
 def shipped_profile_files() -> dict[str, str]:
     """What `data/` must contain: file name -> text."""
     return {
-        file_name(name): render_profile(profile)
-        for name, profile in generate_shipped_profiles().items()
+        file_name(name): render_profile(profile) for name, profile in shipped_profiles().items()
     }
 
 
