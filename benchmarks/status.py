@@ -43,7 +43,7 @@ from melange.plan.result import Plan
 def full_status(k: int, plan: Plan) -> dict[str, Any]:
     now = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=k)
     status = decide.plan_status(plan, datetime(2026, 1, 1, tzinfo=UTC))
-    status.update(decide.observation_status(34.0 + k % 7, now, []))
+    status.update(decide.observation_status(34.0 + k % 7, now, now, []))
     status["observedGeneration"] = 1
     status["conditions"] = conditions.set_conditions(
         None,

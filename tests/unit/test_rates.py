@@ -30,6 +30,9 @@ T = TypeVar("T")
 T0 = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
 
 
+LONG_AGO = datetime(2000, 1, 1, tzinfo=UTC)  # a run of observations that spans any window
+
+
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
@@ -89,23 +92,62 @@ def test_decide(
         window_seconds=window,
         now=T0,
         first_observation=first,
+        observed_since=LONG_AGO,
     )
     assert decision.rate == expected
     assert decision.resolve == (expected is not None)
 
 
-def test_missing_data_keeps_the_plan_and_prunes_the_window() -> None:
-    decision = rates.decide(
-        history((-400, 50.0), (-100, 20.0)),
-        None,
-        30.0,
-        tolerance=0.1,
-        window_seconds=300,
-        now=T0,
-    )
+def test_missing_data_keeps_the_plan_and_the_window() -> None:
+    window = history((-400, 50.0), (-100, 20.0))
+    decision = rates.decide(window, None, 30.0, tolerance=0.1, window_seconds=300, now=T0)
     assert not decision.resolve
-    assert decision.history == (RateSample(at(-100), 20.0),)
+    assert decision.history == tuple(window)  # no run of observations has refilled the window
     assert "plan kept" in decision.message
+    refilled = rates.decide(
+        window, None, 30.0, tolerance=0.1, window_seconds=300, now=T0, observed_since=LONG_AGO
+    )
+    assert refilled.history == (RateSample(at(-100), 20.0),)
+
+
+def test_the_window_peak_survives_an_outage_until_refilled() -> None:
+    """40 req/s, then 45 s without an answer, then reads that start low (a range that begins in the
+    gap): with a 30 s window, the 40 seen before the gap holds the plan until 30 s of consecutive
+    observations have refilled the window, and by then they read 40 again."""
+    solved, window = 40.0, list[RateSample]()
+    since: datetime | None = at(-100)
+    for t in range(-100, 5, 5):
+        decision = rates.decide(
+            window, 40.0, solved, tolerance=0.1, window_seconds=30, now=at(t), observed_since=since
+        )
+        window = list(decision.history)
+    before_outage = list(window)
+    since = None  # the outage, t = 0 .. 45
+    reads = {45: 9.05, 50: 14.4, 55: 18.6, 60: 25.0, 65: 32.0, 70: 38.0, 75: 40.0, 80: 40.0}
+    for t, observed in reads.items():
+        since = since or at(t)
+        decision = rates.decide(
+            window,
+            observed,
+            solved,
+            tolerance=0.1,
+            window_seconds=30,
+            now=at(t),
+            observed_since=since,
+        )
+        assert not decision.resolve, (t, decision.message)
+        window = list(decision.history)
+    # Had the outage emptied the window, the first read after it would have scaled down.
+    emptied = rates.decide(
+        before_outage,
+        9.05,
+        solved,
+        tolerance=0.1,
+        window_seconds=30,
+        now=at(45),
+        observed_since=LONG_AGO,
+    )
+    assert emptied.rate == 9.05
 
 
 def test_messages_say_what_and_why() -> None:
@@ -155,14 +197,23 @@ def test_compaction_past_the_cap_delays_but_never_hastens_a_scale_down() -> None
 
 
 def _step_down_with_restart(keep_status: bool) -> dict[int, float | None]:
-    """68 req/s until t=0, then 34; the operator restarts at t=100."""
+    """68 req/s until t=0, then 34; the operator restarts at t=100 (observing again at once, so
+    its run of observations goes on, as `status.observedSince` tells it)."""
     solved, state, decisions = 68.0, list[RateSample](), {}
+    since: datetime | None = at(-60)
     for t in range(-60, 400, 10):
         if t == 100:  # the in-memory window is gone; the status is what remains
             stored = json.loads(json.dumps(rates.history_to_status(state))) if keep_status else []
             state = rates.history_from_status(stored)
+            since = since if keep_status else at(t)
         decision = rates.decide(
-            state, 68.0 if t < 0 else 34.0, solved, tolerance=0.1, window_seconds=300, now=at(t)
+            state,
+            68.0 if t < 0 else 34.0,
+            solved,
+            tolerance=0.1,
+            window_seconds=300,
+            now=at(t),
+            observed_since=since,
         )
         state, decisions[t] = list(decision.history), decision.rate
         solved = decision.rate if decision.rate is not None else solved
@@ -264,7 +315,13 @@ def test_never_scales_below_a_rate_seen_in_the_window(
         now += timedelta(seconds=gap)
         seen.append(RateSample(now, observed))
         decision = rates.decide(
-            state, observed, solved, tolerance=tolerance, window_seconds=window, now=now
+            state,
+            observed,
+            solved,
+            tolerance=tolerance,
+            window_seconds=window,
+            now=now,
+            observed_since=T0,
         )
         in_window = [s.rate for s in seen if s.time > now - timedelta(seconds=window)]
         in_window.append(observed)
@@ -279,6 +336,67 @@ def test_never_scales_below_a_rate_seen_in_the_window(
         state = list(decision.history)
         if decision.rate is not None:
             solved = decision.rate
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tolerance=st.floats(min_value=0.0, max_value=0.5),
+    window=st.integers(min_value=1, max_value=300),
+    before=st.lists(
+        st.tuples(st.integers(min_value=1, max_value=60), st.floats(min_value=0, max_value=100)),
+        min_size=1,
+        max_size=30,
+    ),
+    outage=st.integers(min_value=1, max_value=3600),
+    after=st.lists(
+        st.tuples(st.integers(min_value=1, max_value=60), st.floats(min_value=0, max_value=100)),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_an_outage_never_lowers_the_window_peak_before_it_is_refilled(
+    tolerance: float,
+    window: int,
+    before: list[tuple[int, float]],
+    outage: int,
+    after: list[tuple[int, float]],
+) -> None:
+    state: list[RateSample] = []
+    solved: float | None = None
+    now, since = T0, T0
+    for gap, observed in before:
+        now += timedelta(seconds=gap)
+        decision = rates.decide(
+            state,
+            observed,
+            solved,
+            tolerance=tolerance,
+            window_seconds=window,
+            now=now,
+            observed_since=since,
+        )
+        state = list(decision.history)
+        solved = decision.rate if decision.rate is not None else solved
+    peak_before = max(s.rate for s in state)
+    now += timedelta(seconds=outage)
+    since = now  # the first observation after the outage starts a new run
+    for gap, observed in after:
+        decision = rates.decide(
+            state,
+            observed,
+            solved,
+            tolerance=tolerance,
+            window_seconds=window,
+            now=now,
+            observed_since=since,
+        )
+        if now - since < timedelta(seconds=window):  # not yet refilled
+            assert max(s.rate for s in decision.history) >= peak_before
+            if decision.rate is not None and solved is not None and decision.rate < solved:
+                assert decision.rate >= peak_before
+        state = list(decision.history)
+        solved = decision.rate if decision.rate is not None else solved
+        now += timedelta(seconds=gap)
 
 
 # -- reading Prometheus' answer ----------------------------------------------------------------

@@ -55,6 +55,7 @@ class Observer:
                     bearer_token=token,
                     ca_pem=ca,
                     timeout=decide.query_timeout(source),
+                    samples=decide.rate_samples(source),
                 ),
                 self.observe_distribution(spec, token, ca),
             )
@@ -70,8 +71,14 @@ class Observer:
                 log.warning("[%s/%s] No usable rate (%s): %s", *key, error.reason, error.message)
                 work.events.append(condition_event(condition))
             rate_state.condition = condition
+            rate_state.observed_since = None  # a gap: the window's peak waits to be refilled
+            work.status["observedSince"] = None
             return None
         assert observed is not None
+        if rate_state.observed_since is None or not decide.consecutive(
+            rate_state.last_observed, now, source
+        ):
+            rate_state.observed_since = now
         decision = rates.decide(
             rate_state.history,
             observed,
@@ -80,6 +87,7 @@ class Observer:
             window_seconds=source.scale_down_stabilization_seconds,
             now=now,
             first_observation=not rate_state.observed_before,
+            observed_since=rate_state.observed_since,
         )
         condition = decide.rate_observed(observed, source.prometheus.url)
         if transitioned(rate_state.condition, condition):
@@ -88,7 +96,10 @@ class Observer:
         rate_state.condition = condition
         rate_state.history = list(decision.history)
         rate_state.observed_before = True
-        work.status.update(decide.observation_status(observed, now, decision.history))
+        rate_state.last_observed = now
+        work.status.update(
+            decide.observation_status(observed, now, rate_state.observed_since, decision.history)
+        )
         moved = self._distribution(key, spec, state, observation, work)
         shape = moved is not None and moved.resolve
         if decision.resolve:

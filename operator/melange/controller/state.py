@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 
 from melange import api
@@ -71,6 +72,11 @@ class RateState:
     condition: Condition | None = None  # the current RateObserved
     solved_distribution: list[list[float]] | None = None  # None: the spec's own
     distribution_condition: Condition | None = None  # the current DistributionObserved
+    # The run of consecutive good observations: when it began (None after a gap) and the latest
+    # of them. Both are in the status, so a restart or a new leader tells its own downtime from a
+    # gap: the first observation after it continues the run only if it follows the last in time.
+    observed_since: datetime | None = None
+    last_observed: datetime | None = None
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> RateState:
@@ -80,6 +86,8 @@ class RateState:
             history=rates.history_from_status(status.get("rateHistory")),
             solved_rate=float(solved) if isinstance(solved, int | float) else None,
             observed_before=status.get("lastObservationTime") is not None,
+            observed_since=rates.parse_time(status.get("observedSince")),
+            last_observed=rates.parse_time(status.get("lastObservationTime")),
             condition=stored_condition(status, conditions.RATE_OBSERVED),
             solved_distribution=matrix if isinstance(matrix, list) else None,
             distribution_condition=stored_condition(status, conditions.DISTRIBUTION_OBSERVED),

@@ -11,10 +11,12 @@ import asyncio
 import hashlib
 import os
 import ssl
+import time
 from urllib.parse import urlsplit
 
 import aiohttp
 
+from melange.signals import coverage
 from melange.signals.distribution import Histogram, parse_histogram_response
 from melange.signals.distribution import queries as distribution_queries
 from melange.signals.rates import InvalidResponse, PrometheusUnavailable, parse_query_response
@@ -73,12 +75,42 @@ class PrometheusClient:
         bearer_token: str | None = None,
         ca_pem: str | None = None,
         timeout: float = 10.0,
+        samples: tuple[str, int] | None = None,
     ) -> float:
-        """The query's single value, as a rate (finite, >= 0); else a `RateError`."""
-        status, body, url = await self.query(
-            base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
+        """The query's single value, as a rate (finite, >= 0); else a `RateError`.
+
+        With `samples` (the raw samples query behind the rate, and its range in seconds), both are
+        evaluated at the same instant and a range the samples do not cover raises `PartialWindow`.
+        """
+        if samples is None:
+            status, body, url = await self.query(
+                base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
+            )
+            return parse_query_response(status, body, url)
+        at = time.time()
+        answers = await asyncio.gather(
+            *(
+                self.query(
+                    base_url, text, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout, at=at
+                )
+                for text in (query, samples[0])
+            ),
+            return_exceptions=True,
         )
-        return parse_query_response(status, body, url)
+        rate_answer, samples_answer = answers
+        if isinstance(rate_answer, BaseException):  # the rate's own failure first
+            raise rate_answer
+        status, body, url = rate_answer
+        rate = parse_query_response(status, body, url)
+        if isinstance(samples_answer, BaseException):
+            raise samples_answer
+        samples_status, samples_body, _ = samples_answer
+        coverage.check(
+            coverage.parse_samples_response(
+                samples_status, samples_body, at=at, range_seconds=samples[1], url=url
+            )
+        )
+        return rate
 
     async def token_histograms(
         self,
@@ -120,8 +152,12 @@ class PrometheusClient:
         bearer_token: str | None = None,
         ca_pem: str | None = None,
         timeout: float = 10.0,
+        at: float | None = None,
     ) -> tuple[int, bytes, str]:
-        """An instant query's HTTP status, body and URL; transport failures as `RateError`s."""
+        """An instant query's HTTP status, body and URL; transport failures as `RateError`s.
+
+        `at`: the evaluation time (Unix seconds); Prometheus' own clock when None.
+        """
         url = query_url(base_url)
         headers = {"Authorization": f"Bearer {bearer_token}"} if bearer_token else {}
         try:
@@ -131,6 +167,8 @@ class PrometheusClient:
         # Prometheus stops evaluating a little before we stop waiting, so a slow query comes back
         # with its own error message rather than our timeout.
         params = {"query": query, "timeout": f"{max(round(timeout * 1000) - 500, 500)}ms"}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
         try:
             async with self._get_session().get(
                 url,

@@ -9,7 +9,9 @@ every rule is unit-tested with `now` passed in:
 - `decide`: keep the plan, or re-solve it for another rate, HPA-style: up as soon as the observed
   rate exceeds the solved one by more than the tolerance; down only to the highest rate observed
   within the stabilization window, and only when that is below the solved rate by more than the
-  tolerance. The window's history lives in `status.rateHistory`, so a restart resumes it.
+  tolerance. The window's history lives in `status.rateHistory`, so a restart resumes it, and a
+  gap in the observations (a failed or partial query, a restart) does not empty it: samples leave
+  the window only once it has been refilled by a whole window of consecutive observations.
 """
 
 from __future__ import annotations
@@ -306,6 +308,7 @@ def decide(
     window_seconds: float,
     now: datetime,
     first_observation: bool = False,
+    observed_since: datetime | None = None,
     max_items: int = MAX_HISTORY,
 ) -> Decision:
     """Whether to re-solve, and for which rate.
@@ -318,10 +321,15 @@ def decide(
     - `first_observation`: the plan was solved for a rate nobody observed (spec.workload.totalRate),
       so that rate counts as observed now, and a scale-down waits a whole window, as an HPA seeds
       its window with the current replicas.
-    Samples older than the window are dropped, and so are those that can no longer be its maximum.
+    - `observed_since`: when the current run of consecutive observations began (None: this one is the
+      first after a gap or a restart). Samples older than the window leave it only once that run
+      covers the whole window, so an outage never empties the window: its peak survives the gap
+      until good observations have refilled it.
+    Samples that can no longer be the window's maximum are dropped.
     """
     horizon = now - timedelta(seconds=window_seconds)
-    recent = [s for s in history if s.time > horizon]
+    refilled = observed_since is not None and observed_since <= horizon
+    recent = [s for s in history if s.time > horizon or not refilled]
     if observed is None:
         return Decision(None, tuple(_compact(recent, max_items)), "no observed rate: plan kept")
     if not math.isfinite(observed) or observed < 0:
