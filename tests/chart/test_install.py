@@ -86,6 +86,8 @@ def test_install_upgrade_uninstall(kube: Kube, release: Release, namespace: str)
     out = release.install()
     assert "STATUS: deployed" in out
     assert "It serves MelangeAllocations in all namespaces" in out  # NOTES.txt
+    # the next step it gives works on a bare cluster (tests/e2e/test_examples_apply.py)
+    assert "kubectl apply -n serving -f examples/pools/mixed.yaml -f examples/mixed.yaml" in out
     name, ns = release.fullname, release.namespace
     assert f"electing a leader with the Lease {ns}/{name}" in out
 

@@ -124,7 +124,8 @@ def test_reconciles_every_kind_of_node_pool(
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Solved"]["status"] == "True"
     assert conditions["Scaled"]["status"] == "True"
-    for bucket in status["assignment"]:
+    assert status["gpuTypes"] == 2
+    for bucket in status["routing"]:
         assert sum(s["fraction"] for s in bucket["shares"]) == pytest.approx(1.0)
     scaled = [e for e in kube.events(namespace, "chat") if e["reason"] == "Scaled"]
     assert sorted(e["message"] for e in scaled) == [
@@ -135,10 +136,19 @@ def test_reconciles_every_kind_of_node_pool(
 
     table = kube.table(namespace)
     columns = [c["name"] for c in table["columnDefinitions"]]
-    assert columns == ["Name", "Ready", "Cost/h", "GPUs", "Rate", "Reason", "Age"]
+    assert columns == [
+        "Name",
+        "Ready",
+        "Reason",
+        "Rate Source",
+        "Cost/h",
+        "GPU Types",
+        "Instances",
+        "Rate",
+        "Age",
+    ]
     cells = table["rows"][0]["cells"]
-    assert cells[:5] == ["chat", "True", 5.3, 3, 34]
-    assert cells[5] == "Reconciled"
+    assert cells[:8] == ["chat", "True", "Reconciled", None, 5.3, 2, 3, 34]  # no rate source
 
 
 def _assert_equal(actual: object, expected: object) -> None:

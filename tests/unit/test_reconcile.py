@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from melange import api
 from melange.api import conditions
@@ -13,6 +15,8 @@ from melange.api.conditions import Condition
 from melange.controller import decide
 from melange.plan import solver
 from melange.plan.result import GpuResult, Plan
+
+CRD_FILE = Path(__file__).parents[2] / "crds" / "melangeallocations.melange.dev.yaml"
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -118,9 +122,20 @@ def test_plan_status_fields() -> None:
     status = decide.plan_status(plan, T0)
     assert status["planStatus"] == "Optimal"
     assert status["totalReplicas"] == 1  # one A100 (3.70/h) beats five L4s (4.00/h)
+    assert status["gpuTypes"] == 1
     assert status["solvedRate"] == 31
     assert status["lastSolveTime"] == "2026-01-02T03:04:05Z"
     assert [g["name"] for g in status["gpus"]] == ["L4", "A100"]
+    assert {s["gpu"] for b in status["routing"] for s in b["shares"]} == {"A100"}
+
+
+def test_kubectl_describe_prints_the_conditions_first() -> None:
+    """`kubectl describe` prints a custom resource's fields sorted by name: every other status
+    field must sort after `conditions`, so the conditions come before the per-bucket lists."""
+    crd = yaml.safe_load(CRD_FILE.read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    fields = sorted(schema["properties"]["status"]["properties"])
+    assert fields[0] == "conditions", fields
 
 
 def test_plan_conditions_summarise_outcomes() -> None:

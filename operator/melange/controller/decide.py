@@ -23,11 +23,11 @@ from melange.api.conditions import (
 )
 from melange.plan import report
 from melange.plan.result import Plan
-from melange.signals import rates
+from melange.signals import coverage, rates
 from melange.signals.rates import RateError
 
 MAX_QUERY_SECONDS = 10
-RATE_STATUS_FIELDS = ("observedRate", "lastObservationTime", "rateHistory")
+RATE_STATUS_FIELDS = ("observedRate", "lastObservationTime", "observedSince", "rateHistory")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,27 @@ def rate_query(source: RateSource) -> str:
     return rates.default_query(
         prometheus.model_name, prometheus.range_seconds or rates.DEFAULT_RANGE_SECONDS
     )
+
+
+def rate_samples(source: RateSource) -> tuple[str, int] | None:
+    """The raw samples behind the default query and its range, to check the range is covered.
+
+    None for the spec's own query: the operator cannot know which series and range it reads.
+    """
+    prometheus = source.prometheus
+    if prometheus.query is not None:
+        return None
+    assert prometheus.model_name is not None  # checked by the spec's own rules
+    range_seconds = prometheus.range_seconds or rates.DEFAULT_RANGE_SECONDS
+    return coverage.samples_query(prometheus.model_name, range_seconds), range_seconds
+
+
+def consecutive(previous: datetime | None, now: datetime, source: RateSource) -> bool:
+    """Whether an observation follows the previous one without a gap (a missed poll or more)."""
+    if previous is None:
+        return False
+    allowed = 2 * source.interval_seconds + MAX_QUERY_SECONDS
+    return (now - previous).total_seconds() <= allowed
 
 
 def distribution_model(spec: AllocationSpec) -> str | None:
@@ -104,11 +125,12 @@ def distribution_failed(error: RateError) -> Condition:
 
 
 def observation_status(
-    observed: float, now: datetime, history: Sequence[rates.RateSample]
+    observed: float, now: datetime, since: datetime, history: Sequence[rates.RateSample]
 ) -> dict[str, Any]:
     return {
         "observedRate": round(observed, 6),
         "lastObservationTime": timestamp(now),
+        "observedSince": timestamp(since),
         "rateHistory": rates.history_to_status(history),
     }
 
@@ -138,9 +160,12 @@ def plan_status(plan: Plan, now: datetime) -> dict[str, Any]:
         "costPerHour": data["costPerHour"],
         "lowerBound": data["lowerBound"],
         "totalReplicas": sum(g.replicas for g in plan.gpus),
+        "gpuTypes": sum(1 for g in plan.gpus if g.replicas > 0),
         "solvedRate": data["totalRate"],
         "gpus": data["gpus"],
-        "assignment": data["assignment"],
+        # not "assignment" (the CLI's name): `kubectl describe` prints fields in alphabetical
+        # order, and this long per-bucket list would come before the conditions
+        "routing": data["assignment"],
         "lastSolveTime": timestamp(now),
         "solveSeconds": data["solveSeconds"],
     }
