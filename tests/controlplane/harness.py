@@ -20,6 +20,7 @@ Usage::
 
 from __future__ import annotations
 
+import copy
 import datetime
 import ipaddress
 import json
@@ -47,6 +48,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 __all__ = [
     "ADMIN_GROUP",
     "ADMIN_USER",
+    "AUDIT_POLICY",
+    "AUDIT_POLICY_ALL_REQUESTS",
     "BUILD_HINT",
     "ControlPlane",
     "ControlPlaneError",
@@ -71,6 +74,18 @@ rules:
 - level: Request
   verbs: ["create", "update", "patch", "delete"]
 - level: None
+"""
+
+#: Writes with their bodies, and every read (get, list, watch) without one: what a test that
+#: counts all of a client's requests uses (``ControlPlane(audit=True, audit_policy=...)``).
+AUDIT_POLICY_ALL_REQUESTS = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+- level: Request
+  verbs: ["create", "update", "patch", "delete"]
+- level: Metadata
 """
 
 
@@ -244,8 +259,9 @@ class _Process:
 
     def __init__(self, name: str, argv: list[str], log_path: Path) -> None:
         self.name = name
+        self.argv = argv
         self.log_path = log_path
-        self._log: IO[bytes] = log_path.open("wb")
+        self._log: IO[bytes] = log_path.open("ab")  # a restarted server appends to its log
         self.popen = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT
         )
@@ -287,6 +303,7 @@ class ControlPlane:
         stop_timeout: float = 15.0,
         extra_apiserver_args: list[str] | None = None,
         audit: bool = False,
+        audit_policy: str = AUDIT_POLICY,
     ) -> None:
         """Locate the binaries now, so a missing build fails before anything starts.
 
@@ -302,11 +319,13 @@ class ControlPlane:
         self.stop_timeout = stop_timeout
         self.extra_apiserver_args = list(extra_apiserver_args or [])
         self.audit = audit
+        self.audit_policy = audit_policy
         self.audit_log = Path()
 
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._etcd: _Process | None = None
         self._apiserver: _Process | None = None
+        self._stopped: tuple[list[str], list[str]] | None = None  # argv of both, while stopped
         self.workdir = Path()
         self.server = ""
         self.etcd_url = ""
@@ -415,6 +434,101 @@ class ControlPlane:
             self._tmp.cleanup()
             self._tmp = None
 
+    # -- outages -----------------------------------------------------------------
+
+    def stop_servers(self) -> None:
+        """Stop kube-apiserver and etcd as an outage would, keeping everything needed to come back.
+
+        etcd's data directory, the ports, the certificates, the tokens, the kubeconfig and the
+        audit log all stay; `start_servers` brings the same control plane back with its data.
+        """
+        if self._etcd is None or self._apiserver is None:
+            raise ControlPlaneError("the control plane is not running")
+        self._stopped = (self._etcd.argv, self._apiserver.argv)
+        for proc in (self._apiserver, self._etcd):
+            proc.stop(self.stop_timeout)
+        self._apiserver = self._etcd = None
+
+    def start_servers(self) -> None:
+        """Start etcd and kube-apiserver again, as `stop_servers` left them, and wait until ready."""
+        if self._stopped is None:
+            raise ControlPlaneError("start_servers needs a stop_servers first")
+        etcd_argv, apiserver_argv = self._stopped
+        deadline = time.monotonic() + self.startup_timeout
+        self._etcd = _Process("etcd", etcd_argv, self.workdir / "etcd.log")
+        self._wait_ready(self._etcd, f"{self.etcd_url}/health", deadline, self._etcd_healthy)
+        self._apiserver = _Process(
+            "kube-apiserver", apiserver_argv, self.workdir / "kube-apiserver.log"
+        )
+        self._wait_ready(self._apiserver, f"{self.server}/readyz", deadline, self._apiserver_ready)
+        self._stopped = None
+
+    def restart(self, pause_seconds: float) -> None:
+        """An outage of `pause_seconds`: both servers down, then back with their data."""
+        self.stop_servers()
+        time.sleep(pause_seconds)
+        self.start_servers()
+
+    # -- other identities ----------------------------------------------------------
+
+    def service_account_kubeconfig(
+        self, namespace: str, name: str, expiration_seconds: int = 3600
+    ) -> Path:
+        """A kubeconfig for the ServiceAccount `namespace/name` (created if missing).
+
+        Its token comes from the TokenRequest API, signed by the API server itself, so the
+        identity is `system:serviceaccount:<namespace>:<name>` and RBAC applies to it in full
+        (unlike the admin, which is in `system:masters`).
+        """
+        accounts = f"/api/v1/namespaces/{namespace}/serviceaccounts"
+        try:
+            self._admin_request(
+                "POST",
+                accounts,
+                {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}},
+            )
+        except urllib.error.HTTPError as err:
+            if err.code != 409:  # already there
+                raise
+        answer = self._admin_request(
+            "POST",
+            f"{accounts}/{name}/token",
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenRequest",
+                "spec": {"expirationSeconds": expiration_seconds},
+            },
+        )
+        token = str(answer["status"]["token"])
+        user = f"system:serviceaccount:{namespace}:{name}"
+        return self._write_kubeconfig_for(
+            user, token, self.workdir / f"kubeconfig-{namespace}-{name}"
+        )
+
+    def as_identity(self, kubeconfig: Path) -> ControlPlane:
+        """This control plane seen through another kubeconfig (for a client that takes a
+        ControlPlane, e.g. an operator process); it shares the audit log and owns no process,
+        so stopping it stops nothing."""
+        view = copy.copy(self)
+        view._tmp = view._etcd = view._apiserver = None
+        view._stopped = None
+        view.kubeconfig_path = kubeconfig
+        return view
+
+    def _admin_request(self, method: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.server}{path}",
+            data=json.dumps(body).encode(),
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/json",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=30, context=self._ssl_context()) as resp:
+            answer: dict[str, Any] = json.loads(resp.read())
+        return answer
+
     # -- helpers -----------------------------------------------------------------
 
     def _audit_args(self) -> list[str]:
@@ -423,7 +537,7 @@ class ControlPlane:
         if not self.audit:
             return []
         policy = self.workdir / "audit-policy.yaml"
-        policy.write_text(AUDIT_POLICY)
+        policy.write_text(self.audit_policy)
         self.audit_log = self.workdir / "audit.log"
         return [
             f"--audit-policy-file={policy}",
@@ -498,6 +612,10 @@ class ControlPlane:
 
     def _write_kubeconfig(self, creds: _Credentials) -> Path:
         """Write a kubeconfig for the admin token, with the CA inline (no file refs)."""
+        return self._write_kubeconfig_for(ADMIN_USER, self.token, self.workdir / "kubeconfig")
+
+    def _write_kubeconfig_for(self, user: str, token: str, path: Path) -> Path:
+        """Write a kubeconfig for `user`'s bearer token, with the CA inline (no file refs)."""
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -506,20 +624,20 @@ class ControlPlane:
                     "name": "melange-test",
                     "cluster": {
                         "server": self.server,
-                        "certificate-authority-data": b64encode(creds.ca_pem).decode(),
+                        "certificate-authority-data": b64encode(self.ca_path.read_bytes()).decode(),
                     },
                 }
             ],
-            "users": [{"name": ADMIN_USER, "user": {"token": self.token}}],
+            "users": [{"name": user, "user": {"token": token}}],
             "contexts": [
                 {
                     "name": "melange-test",
-                    "context": {"cluster": "melange-test", "user": ADMIN_USER},
+                    "context": {"cluster": "melange-test", "user": user},
                 }
             ],
             "current-context": "melange-test",
         }
-        return _write(self.workdir / "kubeconfig", yaml.safe_dump(config, sort_keys=False).encode())
+        return _write(path, yaml.safe_dump(config, sort_keys=False).encode())
 
     def version(self) -> str:
         """``kube-apiserver --version`` output, e.g. ``Kubernetes v1.36.3``."""

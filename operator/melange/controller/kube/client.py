@@ -19,7 +19,9 @@ import contextlib
 import copy
 import json
 import os
+import random
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,7 +51,10 @@ COMPONENT = "melange-operator"
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, "melangeallocations"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
-CONFLICT_RETRIES = 3
+CONFLICT_RETRIES = 6
+# Between attempts after a conflict, a random pause of up to 50 ms, doubling each time (at most
+# 1.55 s in all), so that a writer as fast as the operator does not win every race.
+CONFLICT_BACKOFF_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -352,7 +357,9 @@ class KubeClient:
         The write is conditional on the version just read (`known`, when the caller read it), so
         it never overwrites a change it did not see (another writer, or a new leader).
         """
-        for _ in range(CONFLICT_RETRIES):
+        for attempt in range(CONFLICT_RETRIES):
+            if attempt:
+                time.sleep(random.uniform(0, CONFLICT_BACKOFF_SECONDS * 2 ** (attempt - 1)))
             read = known or self.read_replicas(namespace, ref, replicas_path)
             known = None
             current = 0 if read.value is None else read.value
