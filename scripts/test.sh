@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs what it needs, then lint, types and tests.
-# Extra arguments go to pytest (e.g. `bash scripts/test.sh -k solver`).
+# Extra arguments go to one pytest run instead (e.g. `bash scripts/test.sh -k solver`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,4 +26,10 @@ bash tests/controlplane/build.sh
 .venv/bin/ruff format --check .
 .venv/bin/mypy
 .venv/bin/lint-imports
-.venv/bin/pytest "$@"
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/pytest "$@"
+fi
+# Everything but the chaos scenarios, then the chaos scenarios (faults injected into the real
+# parts; minutes of outages and load) as a step of their own.
+.venv/bin/pytest -m "not chaos"
+.venv/bin/pytest -m chaos

@@ -14,11 +14,11 @@ import pytest
 
 from tests.controlplane.harness import ControlPlane
 from tests.e2e.kube import CRD_FILE, MANIFESTS, Kinds, Kube, eventually
+from tests.e2e.operator_process import RESYNC_SECONDS as RESYNC
 from tests.e2e.operator_process import OperatorProcess
 from tests.e2e.test_operator import make_pools, manifest, pool_replicas, wait_ready
 
 from . import audit
-from .conftest import RESYNC
 from .plans import by_pool, equal, plan_at, spec_at
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]

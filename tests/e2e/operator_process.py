@@ -44,6 +44,7 @@ def wait_healthy(process: subprocess.Popen[bytes], url: str, log: Callable[[], s
     eventually(alive, timeout=60)
 
 
+RESYNC_SECONDS = 3  # the tests' --resync-seconds, unless they pass their own arguments
 MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
 
 
@@ -62,7 +63,7 @@ class OperatorProcess:
         namespace: str,
         log_dir: Path,
         identity: str = "melange-test",
-        extra_args: tuple[str, ...] = ("--resync-seconds", "3"),
+        extra_args: tuple[str, ...] = ("--resync-seconds", str(RESYNC_SECONDS)),
     ) -> None:
         self.control_plane = control_plane
         self.namespace = namespace

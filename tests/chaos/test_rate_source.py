@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from .conftest import EMITTER_RATE
-from .kube import Kinds, Kube, eventually, reasons
-from .operator_process import OperatorProcess
-from .prometheus import MODEL, LoadEmitter, PrometheusServer
-from .test_operator import make_pools, pool_versions
-from .test_rates import at_plan_near, rate_manifest, status_of, wait_observed
+from tests.e2e.conftest import EMITTER_RATE
+from tests.e2e.kube import Kinds, Kube, eventually, reasons
+from tests.e2e.operator_process import OperatorProcess
+from tests.e2e.prometheus import MODEL, LoadEmitter, PrometheusServer
+from tests.e2e.test_operator import make_pools, pool_versions
+from tests.e2e.test_rates import at_plan_near, rate_manifest, status_of, wait_observed
 
 pytestmark = [pytest.mark.e2e, pytest.mark.chaos]
 
