@@ -92,12 +92,15 @@ def mutate(path: str, value: Any) -> dict[str, Any]:
         (
             "workload.distribution",
             [[1, 1]],
-            "spec.workload.distribution: must have 2 rows (one per input bucket), got 1",
+            "spec.workload.distribution: must be 2 x 2: 2 rows (one per input bucket) of 2 columns "
+            "(one per output bucket), as the bucket edges give; got 1 x 2",
         ),
         (
             "gpus.1.throughput",
             [[1, 1], [1, 1, 1]],
-            "spec.gpus[1].throughput[1]: must have 2 columns (one per output bucket), got 3",
+            "spec.gpus[1].throughput: must be 2 x 2: 2 rows (one per input bucket) of 2 columns "
+            "(one per output bucket), as the bucket edges give; got 2 rows of 2 or 3 columns "
+            "(row 1 has 3)",
         ),
         (
             "workload.distribution",
@@ -138,7 +141,8 @@ def test_all_errors_are_reported_at_once() -> None:
     assert errors_of(spec) == [
         "spec.gpus[1].throughput[1][0]: must be >= 0, got -1",
         "spec.sliceFactor: must be >= 1, got 0",
-        "spec.workload.distribution: must have 2 rows (one per input bucket), got 1",
+        "spec.workload.distribution: must be 2 x 2: 2 rows (one per input bucket) of 2 columns "
+        "(one per output bucket), as the bucket edges give; got 1 x 2",
         "spec.gpus[1].name: must be unique, 'L4' is also gpus[0]",
     ]
 
@@ -185,7 +189,7 @@ def test_wrong_kind_and_version() -> None:
 def test_yaml_errors() -> None:
     with pytest.raises(api.SpecError, match=r"f.yaml: not valid YAML"):
         api.load_text("a: [1,", "f.yaml")
-    with pytest.raises(api.SpecError, match="must hold exactly one document, got 2"):
+    with pytest.raises(api.SpecError, match=r"f.yaml: holds 2 YAML documents"):
         api.load_text("a: 1\n---\nb: 2\n", "f.yaml")
     with pytest.raises(api.SpecError, match=r"^document: must be a mapping, got 'hello'$"):
         api.load_text("hello")

@@ -116,7 +116,8 @@ def test_invalid_input_exits_2_with_every_error() -> None:
     assert result.stderr.splitlines() == [
         "error: spec.workload.totalRate: must be >= 0, got -1",
         "error: spec.gpus[0].throughput[1][1]: must be >= 0, got -2",
-        "error: spec.gpus[0].throughput: must have 3 rows (one per input bucket), got 2",
+        "error: spec.gpus[0].throughput: must be 3 x 2: 3 rows (one per input bucket) of 2 columns "
+        "(one per output bucket), as the bucket edges give; got 2 x 2",
     ]
 
 
@@ -263,3 +264,38 @@ def test_root_help_lists_each_command_with_its_own_summary() -> None:
         assert command.get_short_help_str(limit=1000) == lazy.summary
     listing = run("--help").stdout.split("Commands:\n", 1)[1].splitlines()
     assert [line.split()[0] for line in listing] == sorted(COMMANDS)
+
+
+def test_a_matrix_of_the_wrong_shape_is_one_error_saying_both_shapes() -> None:
+    # an 8 x 6 profile pasted into a spec of 3 x 2 buckets: one line, not one per row
+    entry = run("profiles", "show", "llama-3.1-8b/l4/tpot-120ms", "--entry-only", "-o", "json")
+    pasted = json.loads(entry.stdout)
+    spec = yaml.safe_load(SMALL)
+    spec["spec"]["gpus"][0] = pasted
+    result = run("solve", "-", stdin=yaml.safe_dump(spec))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: spec.gpus[0].throughput: must be 3 x 2: 3 rows (one per input bucket) of 2 "
+        "columns (one per output bucket), as the bucket edges give; got 8 x 6"
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["solve", "--profile", "llama-3.1-8b/l4/tpot-120ms"],
+        ["workload", "--edges-from", "llama-3.1-8b/l4/tpot-120ms", "--rate", "1"],
+    ],
+)
+def test_commands_given_profiles_load_no_other_command(tmp_path: Path, args: list[str]) -> None:
+    workload = tmp_path / "w.yaml"
+    workload.write_text(
+        "buckets: {inputTokens: [1, 25, 100, 250, 500, 1000, 2000, 4000, 8000], "
+        "outputTokens: [1, 25, 100, 250, 500, 1000, 2000]}\n"
+        f"workload: {{distribution: {[[1] * 6] * 8}, totalRate: 1}}\n"
+    )
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"input_tokens": 10, "output_tokens": 10}\n')
+    modules = imported(args[0], str(workload if args[0] == "solve" else log), *args[1:])
+    assert modules & COMMAND_MODULES == {f"melange.cli.{args[0]}"}
+    assert "melange.tools.profiles" in modules

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -32,6 +33,7 @@ MAX_EDGE = 10_000_000  # tokens
 MAX_BUCKETS = MAX_EDGES - 1
 MAX_GPUS = 16
 MAX_REPLICAS = 10_000
+MAX_COST_PER_HOUR = 1_000_000_000  # any currency
 GPU_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 REPLICAS_PATH_PATTERN = r"^(/[^/]+)+$"
 URL_PATTERN = r"^https?://"
@@ -102,7 +104,8 @@ class ObjectReference(_Model):
 
 class GpuType(_Model):
     name: str = Field(min_length=1, max_length=63, pattern=GPU_NAME_PATTERN)
-    cost_per_hour: Number = Field(alias="costPerHour", gt=0)
+    # bounded so that a plan's cost (at most 16 x 10,000 instances) is a finite number
+    cost_per_hour: Number = Field(alias="costPerHour", gt=0, le=MAX_COST_PER_HOUR)
     throughput: Matrix
     min_replicas: Integer = Field(default=0, alias="minReplicas", ge=0, le=MAX_REPLICAS)
     max_replicas: Integer | None = Field(default=None, alias="maxReplicas", ge=0, le=MAX_REPLICAS)
@@ -178,11 +181,16 @@ class Allocation:
     namespace: str | None = None
 
 
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
 def _join(prefix: str, loc: Sequence[str | int]) -> str:
     path = prefix
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
+        elif not _PLAIN_KEY.match(part):  # an odd key, such as "" or "a.b", quoted
+            path += f"[{json.dumps(part)}]"
         else:
             path += f".{part}" if path else part
     return path
@@ -195,6 +203,9 @@ def _show(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer() and math.isfinite(value):
         return str(int(value))
+    if isinstance(value, int) and abs(value) >= 10**20:
+        digits = str(abs(value))
+        return f"{'-' if value < 0 else ''}{digits[:3]}... (an integer of {len(digits)} digits)"
     if isinstance(value, list | dict):
         return f"a {type(value).__name__} of {len(value)}"
     return str(value)
@@ -241,6 +252,8 @@ def _pydantic_message(error: Mapping[str, Any]) -> str:
     if kind in {"int_type", "int_parsing", "int_from_float"}:
         return f"must be an integer, got {_show(value)}"
     if kind in {"float_type", "float_parsing"}:
+        if isinstance(value, int) and not isinstance(value, bool):  # too large for a float
+            return f"must be a finite number, got {_show(value)}"
         return f"must be a number, got {_show(value)}"
     if kind == "bool_type":
         return f"must be true or false, got {_show(value)}"
@@ -257,10 +270,17 @@ def _pydantic_message(error: Mapping[str, Any]) -> str:
     return f"{error['msg'][0].lower()}{error['msg'][1:]}, got {_show(value)}"
 
 
+def _key(key: Any) -> str:
+    """A mapping key as kubectl turns YAML into JSON: a string (`1: x` is the field "1")."""
+    if isinstance(key, str):
+        return key
+    return "null" if key is None else _show(key)
+
+
 def _without_nulls(raw: Any) -> Any:
     """A null field is an absent one, as for the API server (it prunes them, then defaults)."""
     if isinstance(raw, Mapping):
-        return {k: _without_nulls(v) for k, v in raw.items() if v is not None}
+        return {_key(k): _without_nulls(v) for k, v in raw.items() if v is not None}
     if isinstance(raw, list):
         return [_without_nulls(v) for v in raw]
     return raw
@@ -286,18 +306,30 @@ def _as_int(value: Any) -> int | None:
 
 
 def _shape_errors(matrix: Any, rows: int, cols: int, path: str) -> Iterator[FieldError]:
+    """One error for a matrix whose shape is not the edges' (rows x columns), saying both shapes."""
     items = _as_list(matrix)
     if items is None:
         return
-    if len(items) != rows:
-        yield FieldError(path, f"must have {rows} rows (one per input bucket), got {len(items)}")
-    for i, row in enumerate(items):
-        row_items = _as_list(row)
-        if row_items is not None and len(row_items) != cols:
-            yield FieldError(
-                f"{path}[{i}]",
-                f"must have {cols} columns (one per output bucket), got {len(row_items)}",
-            )
+    widths = [len(row) if isinstance(row, list) else None for row in items]
+    wrong = [(i, w) for i, w in enumerate(widths) if w is not None and w != cols]
+    if len(items) == rows and not wrong:
+        return
+    distinct = sorted({w for w in widths if w is not None})
+    if not distinct:
+        got = f"{len(items)} rows"
+    elif len(distinct) == 1 and None not in widths:
+        got = f"{len(items)} x {distinct[0]}"
+    else:
+        of = ", ".join(map(str, distinct[:-1])) + f" or {distinct[-1]}"
+        got = f"{len(items)} rows of {of} columns"
+        if len(items) == rows:  # the rows that differ, when that is all that is wrong
+            listed = ", ".join(f"row {i} has {w}" for i, w in wrong[:3])
+            got += f" ({listed}{', ...' if len(wrong) > 3 else ''})"
+    yield FieldError(
+        path,
+        f"must be {rows} x {cols}: {rows} rows (one per input bucket) of {cols} columns (one per "
+        f"output bucket), as the bucket edges give; got {got}",
+    )
 
 
 def _edge_errors(edges: Any, path: str) -> tuple[list[FieldError], int | None]:
@@ -354,7 +386,13 @@ def _matrix_errors(raw: Any, p: str) -> list[FieldError]:
     cells = [v for row in _as_list(distribution) or [] for v in (_as_list(row) or [])]
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in cells)
     # The cells are >= 0, so a positive sum is a positive cell (which CEL can check cheaply).
-    if isinstance(total, int | float) and total > 0 and cells and numbers and sum(cells) <= 0:
+    if (
+        isinstance(total, int | float)
+        and total > 0
+        and cells
+        and numbers
+        and not any(v > 0 for v in cells)
+    ):
         errors.append(
             FieldError(f"{p}workload.distribution", "must have a positive sum when totalRate > 0")
         )
@@ -504,26 +542,131 @@ def parse_document(document: Any) -> Allocation:
     return Allocation(spec=validate_spec(document, ""))
 
 
-# libyaml's parser when PyYAML was built with it: several times faster on large matrices
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# Limits on a document before it is validated: what the API server would take, with room to spare.
+# A request body there is at most 3 MiB; the largest allocation the CRD admits (32 x 32 buckets,
+# 16 GPU types) is about 120 KB of JSON and holds about 17,000 values, 6 levels deep.
+MAX_DOCUMENT_BYTES = 3 * 1024 * 1024
+MAX_DOCUMENT_VALUES = 200_000  # every YAML alias counted as the copy it stands for
+MAX_DOCUMENT_DEPTH = 64
+
+# The YAML 1.2 floats that YAML 1.1 (PyYAML) reads as strings: an exponent without a dot or without
+# a sign (1e3, 1.5e10, .5E-3). kubectl reads them as numbers, and so must `melange solve`.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$")
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader (libyaml's parser when PyYAML was built with it: several times faster on
+    large matrices), with YAML 1.2's exponent floats."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def _document_error(source: str, message: str) -> SpecError:
+    return SpecError([FieldError("", f"{source}: {message}")])
+
+
+def _check_size(document: Any, source: str) -> None:
+    """Refuse a document nested too deeply (or referring to itself through an alias) or holding too
+    many values once its aliases are expanded (a "billion laughs" bomb), before anything walks it."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Any, depth: int) -> int:
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise _document_error(
+                source, f"nested more than {MAX_DOCUMENT_DEPTH} levels deep (or refers to itself)"
+            )
+        if not isinstance(node, dict | list):
+            return 1
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        children = node.values() if isinstance(node, dict) else node
+        total = 1 + sum(size(child, depth + 1) for child in children)
+        if total > MAX_DOCUMENT_VALUES:
+            raise _document_error(
+                source,
+                f"holds more than {MAX_DOCUMENT_VALUES} values with its YAML aliases expanded "
+                "(an allocation holds at most about 17,000)",
+            )
+        sizes[id(node)] = total
+        return total
+
+    size(document, 0)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """PyYAML's error on one line: what is wrong, and where."""
+    if isinstance(exc, yaml.MarkedYAMLError):
+        what = ", ".join(part for part in (exc.context, exc.problem) if part)
+        mark = exc.problem_mark or exc.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        text = f"{what}{where}"
+    else:
+        text = str(exc)
+    return " ".join(text.split())
+
+
+def load_document(text: str, source: str = "<input>") -> Any:
+    """The one YAML (or JSON) document in `text`, not yet validated; JSON goes through the JSON
+    parser. Every problem with the text itself (not YAML, several documents or none, too large, too
+    deep, an alias bomb) is one `SpecError` naming `source`."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise _document_error(source, f"larger than {MAX_DOCUMENT_BYTES} bytes")
+    if text.lstrip().startswith("{"):
+        try:
+            document = json.loads(text)
+        except RecursionError:
+            raise _document_error(
+                source, f"nested more than {MAX_DOCUMENT_DEPTH} levels deep"
+            ) from None
+        except json.JSONDecodeError:
+            pass  # YAML flow style also starts with "{"
+        else:
+            _check_size(document, source)
+            return document
+    try:
+        documents = [d for d in yaml.load_all(text, Loader=_Loader) if d is not None]
+    except yaml.YAMLError as exc:
+        raise _document_error(source, f"not valid YAML: {_yaml_error(exc)}") from None
+    except RecursionError:
+        raise _document_error(
+            source, f"nested more than {MAX_DOCUMENT_DEPTH} levels deep"
+        ) from None
+    if not documents:
+        raise _document_error(source, "holds no YAML document (is it empty?)")
+    if len(documents) > 1:
+        raise _document_error(
+            source,
+            f"holds {len(documents)} YAML documents; give each allocation a file of its own",
+        )
+    _check_size(documents[0], source)
+    return documents[0]
+
+
+def load_document_bytes(data: bytes, source: str = "<input>") -> Any:
+    """`load_document` for a file's bytes: UTF-8 (a byte-order mark is allowed), at most
+    `MAX_DOCUMENT_BYTES`."""
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise _document_error(source, f"larger than {MAX_DOCUMENT_BYTES} bytes")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise _document_error(
+            source, f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}"
+        ) from None
+    return load_document(text, source)
 
 
 def load_text(text: str, source: str = "<input>") -> Allocation:
-    """Parse YAML (or JSON) text holding one allocation; JSON goes through the JSON parser."""
-    if text.lstrip().startswith("{"):
-        try:
-            return parse_document(json.loads(text))
-        except json.JSONDecodeError:
-            pass  # YAML flow style also starts with "{"
-    try:
-        documents = [d for d in yaml.load_all(text, Loader=_YAML_LOADER) if d is not None]
-    except yaml.YAMLError as exc:
-        raise SpecError([FieldError("", f"{source}: not valid YAML: {exc}")]) from exc
-    if len(documents) != 1:
-        raise SpecError(
-            [FieldError("", f"{source}: must hold exactly one document, got {len(documents)}")]
-        )
-    return parse_document(documents[0])
+    """The allocation in YAML or JSON `text`: `load_document`, then `parse_document` (whose
+    problems name their fields)."""
+    return parse_document(load_document(text, source))
+
+
+def load_bytes(data: bytes, source: str = "<input>") -> Allocation:
+    """`load_text` for a file's bytes."""
+    return parse_document(load_document_bytes(data, source))
 
 
 def bucket_label(edges_in: Sequence[int], edges_out: Sequence[int], i: int, j: int) -> str:

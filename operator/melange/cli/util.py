@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 EXIT_INFEASIBLE = 1
 EXIT_INVALID = 2
 EXIT_UNSOLVED = 4
+MAX_ERROR_LINES = 100  # a document with more problems than this gets the first ones and a count
 
 
 def fail(lines: list[str], code: int) -> NoReturn:
@@ -54,6 +56,29 @@ OUTPUT_FORMAT = click.option(
 )
 
 
+def _read_bytes(path: str) -> bytes:
+    """A file's or stdin's (`-`) bytes, one more than the documents' limit at most (so that a
+    larger one is told apart); an unreadable file exits 2."""
+    from melange import api
+
+    try:
+        if path == "-":
+            return sys.stdin.buffer.read(api.MAX_DOCUMENT_BYTES + 1)
+        with Path(path).open("rb") as file:
+            return file.read(api.MAX_DOCUMENT_BYTES + 1)
+    except OSError as exc:
+        fail([f"{path}: cannot read: {exc.strerror or exc}"], EXIT_INVALID)
+
+
+def fail_spec(error: api.SpecError) -> NoReturn:
+    """Exit 2 with a spec's problems, one per line (the first `MAX_ERROR_LINES` and a count)."""
+    lines = [str(e) for e in error.errors]
+    if len(lines) > MAX_ERROR_LINES:
+        more = len(lines) - MAX_ERROR_LINES
+        lines = [*lines[:MAX_ERROR_LINES], f"... and {more} more errors"]
+    fail(lines, EXIT_INVALID)
+
+
 def read_allocation(path: str) -> api.Allocation:
     """Read a manifest from a file or stdin (`-`); every problem with it exits 2.
 
@@ -62,14 +87,11 @@ def read_allocation(path: str) -> api.Allocation:
     """
     from melange import api
 
+    data = _read_bytes(path)
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        fail([f"{path}: cannot read: {exc.strerror or exc}"], EXIT_INVALID)
-    try:
-        return api.load_text(text, source=path)
+        return api.load_bytes(data, source=path)
     except api.SpecError as exc:
-        fail([str(e) for e in exc.errors], EXIT_INVALID)
+        fail_spec(exc)
 
 
 def dump(data: Any, output: str = "yaml") -> str:
@@ -77,3 +99,43 @@ def dump(data: Any, output: str = "yaml") -> str:
     if output == "json":
         return json.dumps(data, indent=2) + "\n"
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def user_profiles_dir(user_dir: Path | None) -> Path:
+    """The user profile directory (`user_dir`, else the default); files in it that are not valid
+    profiles are warned about."""
+    from melange.tools import profiles
+
+    directory = user_dir if user_dir is not None else profiles.user_profile_dir()
+    for problem in profiles.load_user_profiles(directory).problems:
+        click.echo(f"warning: {problem} (ignored)", err=True)
+    return directory
+
+
+def load_named(name: str, directory: Path) -> dict[str, Any]:
+    """A profile by name, shipped or in `directory`; an unknown or invalid one exits 2."""
+    from melange.tools import profiles
+
+    try:
+        return profiles.load_profile(name, directory)
+    except profiles.UnknownProfileError as exc:
+        fail([str(exc)], EXIT_INVALID)
+    except profiles.ProfileError as exc:
+        fail(exc.errors, EXIT_INVALID)
+
+
+def read_spec(path: str) -> tuple[Any, str]:
+    """The raw spec in a file or stdin (`-`), not yet validated, and its field prefix ("spec" for
+    a manifest's, "" for a bare spec such as the `buckets` and `workload` that `melange workload`
+    prints). A problem with the text itself (size, YAML, one document, depth, aliases) exits 2;
+    the spec's own are left to the caller."""
+    from melange import api
+
+    data = _read_bytes(path)
+    try:
+        document = api.load_document_bytes(data, source=path)
+    except api.SpecError as exc:
+        fail_spec(exc)
+    if isinstance(document, Mapping) and "spec" in document:
+        return document["spec"], "spec"
+    return document, ""

@@ -11,7 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from melange.api import AllocationSpec, bucket_label
+from melange.api import MAX_REPLICAS, AllocationSpec, bucket_label
 
 # Loads within this of an integer count as that integer: floating-point noise must not buy a GPU.
 LOAD_EPSILON = 1e-7
@@ -30,7 +30,8 @@ def cost_unit(costs: Sequence[float]) -> float | None:
     """
     for decimals in range(7):
         unit = 10.0**-decimals
-        if all(abs(c / unit - round(c / unit)) < 1e-6 for c in costs):
+        ratios = [c / unit for c in costs]
+        if all(math.isfinite(r) and abs(r - round(r)) < 1e-6 for r in ratios):
             return unit
     return None
 
@@ -63,23 +64,42 @@ class Problem:
     ) -> Problem:
         """Turn a validated spec into rates: bucket (i, j) gets `R * D[i][j] / sum(D)`."""
         total_rate = spec.workload.total_rate if rate is None else rate
-        weight = sum(sum(row) for row in spec.workload.distribution)
-        scale = total_rate / weight if weight > 0 else 0.0
+        # shares of the largest cell first: cells near the float maximum would overflow their sum,
+        # and a rate near it times a cell over a small sum would overflow too
+        largest = max((v for row in spec.workload.distribution for v in row), default=0.0)
+        shares = [
+            [v / largest if largest > 0 else 0.0 for v in row] for row in spec.workload.distribution
+        ]
+        weight = sum(sum(row) for row in shares)
+        rates = tuple(
+            tuple(total_rate * (v / weight) if weight > 0 else 0.0 for v in row) for row in shares
+        )
+        slices = spec.slice_factor if slice_factor is None else slice_factor
+
+        def usable(i: int, j: int, throughput: float) -> float:
+            """A bucket one slice of which needs more than MAX_REPLICAS instances of a type (the
+            most maxReplicas admits) is one that type cannot serve: so no load is ever infinite."""
+            load = rates[i][j] / slices / throughput * (1.0 + spec.headroom) if throughput else 0
+            return throughput if load <= MAX_REPLICAS else 0.0
+
         return cls(
             input_edges=tuple(spec.buckets.input_tokens),
             output_edges=tuple(spec.buckets.output_tokens),
-            rates=tuple(tuple(v * scale for v in row) for row in spec.workload.distribution),
+            rates=rates,
             gpus=tuple(
                 GpuOption(
                     name=g.name,
                     cost_per_hour=g.cost_per_hour,
-                    throughput=tuple(tuple(row) for row in g.throughput),
+                    throughput=tuple(
+                        tuple(usable(i, j, t) for j, t in enumerate(row))
+                        for i, row in enumerate(g.throughput)
+                    ),
                     min_replicas=g.min_replicas,
                     max_replicas=g.max_replicas,
                 )
                 for g in spec.gpus
             ),
-            slice_factor=spec.slice_factor if slice_factor is None else slice_factor,
+            slice_factor=slices,
             headroom=spec.headroom,
         )
 

@@ -454,33 +454,6 @@ def profiles_for_edges(edges: Edges, user_dir: Path | None = None) -> list[str]:
     return sorted(name for name, doc in documents.items() if edges_of(doc) == edges)
 
 
-class _SpecLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """The safe loader, reading YAML 1.2's exponent floats (1e3) as numbers as the spec does."""
-
-
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)[eE][-+]?[0-9]+$"),
-    list("-+.0123456789"),
-)
-
-
-def parse_spec_document(text: str, source: str) -> tuple[Any, str]:
-    """The raw spec in YAML or JSON `text`: a manifest's `spec`, or a bare spec (such as the
-    `buckets` and `workload` blocks `melange workload` prints), with the path prefix of its
-    fields ("spec" or ""). Raises `ProfileError` when the text is not one YAML document."""
-    try:
-        documents = [d for d in yaml.load_all(text, Loader=_SpecLoader) if d is not None]
-    except yaml.YAMLError as exc:
-        raise ProfileError([f"{source}: not valid YAML: {exc}"]) from None
-    if len(documents) != 1:
-        raise ProfileError([f"{source}: must hold exactly one document, got {len(documents)}"])
-    document = documents[0]
-    if isinstance(document, Mapping) and "spec" in document:
-        return document["spec"], "spec"
-    return document, ""
-
-
 def compose_spec(
     spec: Mapping[str, Any], chosen: Mapping[str, Mapping[str, Any]]
 ) -> dict[str, Any]:
