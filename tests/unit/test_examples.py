@@ -1,9 +1,14 @@
 """The shipped examples: up to date with the profile library, valid, solvable, and independent of
-each other (no two name the same node pool), with the pools of the plain-cluster ones shipped."""
+each other (no two name the same node pool), with the pools of the plain-cluster ones shipped; and
+the request-log generator of the docs' recipe (examples/request_log.py, a script, not a built file)."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
@@ -14,6 +19,7 @@ import yaml
 
 from melange import api
 from melange.plan import solver
+from melange.tools import perfmodel
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 NAMES = ["conversational", "document", "mixed"]
@@ -26,13 +32,17 @@ VARIANTS = {
 ALLOCATIONS = [EXAMPLES / variant / f"{name}.yaml" for variant in VARIANTS for name in NAMES]
 
 
-def _builder() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("examples_build", EXAMPLES / "build.py")
+def _script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _builder() -> ModuleType:
+    return _script("build")
 
 
 def _label(path: Path) -> str:
@@ -119,3 +129,47 @@ def test_mixed_example_uses_several_gpu_types() -> None:
     allocation = api.load_text((EXAMPLES / "mixed.yaml").read_text(), "mixed")
     plan = solver.solve_spec(allocation.spec)
     assert sum(1 for g in plan.gpus if g.replicas > 0) >= 2
+
+
+def test_request_log_generator_is_deterministic_for_a_seed(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    generator = _script("request_log")
+    log = "".join(generator.lines(500, 12.0, 7))
+    assert log == "".join(generator.lines(500, 12.0, 7))
+    assert log != "".join(generator.lines(500, 12.0, 8))
+    assert generator.main(["--requests", "500", "--rate", "12", "--seed", "7"]) == 0
+    assert capsys.readouterr().out == log
+    requests = [json.loads(line) for line in log.splitlines()]
+    assert len(requests) == 500
+    times = [r["timestamp"] for r in requests]
+    assert times == sorted(times)
+    assert all(r["usage"]["prompt_tokens"] >= 1 for r in requests)
+    assert all(r["usage"]["completion_tokens"] >= 1 for r in requests)
+
+
+def test_melange_workload_reads_the_generated_log(tmp_path: Path) -> None:
+    log = "".join(_script("request_log").lines(500, 12.0, 7))
+    sizes = [json.loads(line)["usage"] for line in log.splitlines()]
+    last_input, last_output = perfmodel.DEFAULT_INPUT_EDGES[-1], perfmodel.DEFAULT_OUTPUT_EDGES[-1]
+    inside = sum(
+        1 for u in sizes if u["prompt_tokens"] < last_input and u["completion_tokens"] < last_output
+    )
+    melange = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
+    args = ["workload", "-", "--edges-from", "llama-3.1-8b/l4/tpot-120ms"]
+    result = subprocess.run(
+        [melange, *args, "--profiles-dir", str(tmp_path)],
+        input=log,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "500 requests" in result.stdout
+    block = yaml.safe_load(result.stdout)
+    assert block["buckets"]["inputTokens"] == list(perfmodel.DEFAULT_INPUT_EDGES)
+    assert block["buckets"]["outputTokens"] == list(perfmodel.DEFAULT_OUTPUT_EDGES)
+    assert 0 < inside < 500  # a few requests fall beyond the last edges
+    assert sum(map(sum, block["workload"]["distribution"])) == inside
+    assert 9 < block["workload"]["totalRate"] < 15  # about the generator's 12 req/s
