@@ -20,6 +20,7 @@ from melange.cli.util import (
     EXIT_UNSOLVED,
     dump,
     fail,
+    fail_spec,
     load_named,
     read_allocation,
     read_spec,
@@ -140,4 +141,4 @@ def _with_profiles(file: str, names: tuple[str, ...], directory: Path | None) ->
     try:
         return api.validate_spec(composed, prefix)
     except api.SpecError as exc:
-        fail([str(e) for e in exc.errors], EXIT_INVALID)
+        fail_spec(exc)
