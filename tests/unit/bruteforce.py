@@ -9,6 +9,7 @@ reports them, so a borderline load rounds the same way in both.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterator
 
 from melange.plan.problem import Problem, replicas_for
@@ -19,6 +20,21 @@ def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
     for cuts in itertools.combinations(range(total + parts - 1), parts - 1):
         bounds = (-1, *cuts, total + parts - 1)
         yield tuple(bounds[k + 1] - bounds[k] - 1 for k in range(parts))
+
+
+# The most assignments the oracle may have to enumerate for a generated instance: past this it can
+# take minutes (the states it keeps multiply bucket by bucket).
+MAX_ASSIGNMENTS = 200_000
+
+
+def assignments(problem: Problem) -> int:
+    """How many ways there are to assign every bucket's slices: the oracle's worst case."""
+    total = 1
+    for i, j in problem.demand_buckets():
+        able = sum(1 for gpu in problem.gpus if gpu.throughput[i][j] > 0)
+        if able:
+            total *= math.comb(problem.slice_factor + able - 1, able - 1)
+    return total
 
 
 def optimum(problem: Problem) -> float | None:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from melange.plan import certify, report, solver
 from melange.plan.problem import GpuOption, Problem
 from melange.plan.result import METHODS
-from tests.unit.bruteforce import optimum
+from tests.unit.bruteforce import MAX_ASSIGNMENTS, assignments, optimum
 from tests.unit.test_solver_corpus import issue_instance
 
 TOLERANCE = 1e-6
@@ -49,7 +49,7 @@ def problems(draw: st.DrawFn, with_minimums: bool = True) -> Problem:
                 max_replicas=draw(st.one_of(st.none(), st.integers(minimum, minimum + 40))),
             )
         )
-    return Problem(
+    problem = Problem(
         input_edges=tuple(range(1, rows + 2)),
         output_edges=tuple(range(1, cols + 2)),
         rates=rates,
@@ -57,6 +57,10 @@ def problems(draw: st.DrawFn, with_minimums: bool = True) -> Problem:
         slice_factor=draw(st.integers(1, 6)),
         headroom=draw(st.sampled_from([0.0, 0.1, 0.25])),
     )
+    # Small enough for the oracle: fewer slices where every bucket has many types to choose from.
+    while assignments(problem) > MAX_ASSIGNMENTS and problem.slice_factor > 1:
+        problem = replace(problem, slice_factor=problem.slice_factor - 1)
+    return problem
 
 
 PROPERTY_SETTINGS = settings(
