@@ -373,6 +373,24 @@ def test_watch_namespaces_get_a_role_each_and_no_cluster_role() -> None:
     ]
 
 
+def test_allowed_rate_source_urls_are_passed_as_flags() -> None:
+    allowed = ["http://prometheus-operated.monitoring.svc:9090", "https://thanos.example/prom"]
+    args = container(render({"rateSource": {"allowedURLs": allowed}}))["args"]
+    assert [a for a in args if a.startswith("--allow-prometheus-url")] == [
+        "--allow-prometheus-url=http://prometheus-operated.monitoring.svc:9090",
+        "--allow-prometheus-url=https://thanos.example/prom",
+    ]
+    assert container(render({}))["args"] == DEFAULT_ARGS
+
+
+@pytest.mark.parametrize(
+    "url", ["prometheus:9090", "http://p/#", "http://p?x=1", "http://u@p", "ftp://p"]
+)
+def test_an_allowed_url_that_is_not_a_base_url_is_refused_by_the_schema(url: str) -> None:
+    with pytest.raises(HelmError, match="allowedURLs"):
+        render({"rateSource": {"allowedURLs": [url]}})
+
+
 @pytest.mark.parametrize("watch", [[], ["team-a"]], ids=["cluster-wide", "namespaced"])
 def test_cluster_scoped_targets_are_allowed_by_flag_and_a_cluster_role(watch: list[str]) -> None:
     targets = ["nodepools.karpenter.sh", "widgets.example.co.uk"]

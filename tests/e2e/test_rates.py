@@ -25,6 +25,7 @@ pytestmark = pytest.mark.e2e
 INTERVAL = 5
 WINDOW = 20
 TOLERANCE = 0.1
+CREDENTIALS = "melange.dev/rate-source-credentials"  # the label an owner opts a credential in with
 
 
 def rate_manifest(name: str, url: str, **prometheus: Any) -> dict[str, Any]:
@@ -254,7 +255,12 @@ def test_query_problems_are_reported_and_change_nothing(
         ),
         (prometheus.url, f"-sum(rate({counter}[4s]))", "InvalidValue", "cannot be negative"),
         (prometheus.url, "0/0", "InvalidValue", "is NaN"),
-        (emitter.url, f"sum(rate({counter}[4s]))", "InvalidResponse", "not Prometheus API JSON"),
+        (
+            emitter.url,
+            f"sum(rate({counter}[4s]))",
+            "InvalidResponse",
+            "is not Prometheus API JSON (HTTP ",
+        ),
     ]
     for url, query, reason, text in cases:
         kube.merge_patch(
@@ -307,7 +313,8 @@ def test_tls_and_credentials_from_the_namespace(
     emitter: LoadEmitter,
     tmp_path: Path,
 ) -> None:
-    """Prometheus over TLS with its own CA; the CA and a bearer token come from the namespace."""
+    """Prometheus over TLS with its own CA; the CA and a bearer token come from the namespace, from
+    objects labelled for rate sources, and the token goes only to a URL the operator allows."""
     from kubernetes import client
 
     cert, key, pem = self_signed_certificate(tmp_path)
@@ -321,6 +328,18 @@ def test_tls_and_credentials_from_the_namespace(
             caConfigMapRef={"name": "prometheus-ca", "key": "ca.crt"},
         )
         kube.create(manifest, namespace)
+        # A token goes to an in-cluster Service only, unless the operator allows the URL.
+        wait_observed(
+            kube,
+            "chat",
+            namespace,
+            "False",
+            "URLNotAllowed",
+            message=f"{server.url} is not an in-cluster Service",
+        )
+        operator.stop()
+        operator.extra_args = (*operator.extra_args, "--allow-prometheus-url", server.url)
+        operator.start()
         wait_observed(
             kube,
             "chat",
@@ -344,12 +363,24 @@ def test_tls_and_credentials_from_the_namespace(
             namespace,
             "False",
             "CredentialsUnavailable",
+            message=f"Secret {namespace}/prometheus-token is not labelled {CREDENTIALS}=true",
+        )
+        core.patch_namespaced_secret(
+            "prometheus-token", namespace, {"metadata": {"labels": {CREDENTIALS: "true"}}}
+        )
+        wait_observed(
+            kube,
+            "chat",
+            namespace,
+            "False",
+            "CredentialsUnavailable",
             message=f"ConfigMap {namespace}/prometheus-ca: not found",
         )
         core.create_namespaced_config_map(
             namespace,
             client.V1ConfigMap(
-                metadata=client.V1ObjectMeta(name="prometheus-ca"), data={"ca.crt": pem}
+                metadata=client.V1ObjectMeta(name="prometheus-ca", labels={CREDENTIALS: "true"}),
+                data={"ca.crt": pem},
             ),
         )
         wait_observed(kube, "chat", namespace, "True", "Observed")

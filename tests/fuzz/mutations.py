@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from hypothesis import reject
 from hypothesis import strategies as st
 
 REPO = Path(__file__).parents[2]
@@ -66,6 +67,14 @@ class Fuzzed:
         return [
             (self.prefix.rstrip(".") if m.path.startswith("[") else self.prefix) + m.path
             for m in kept
+        ]
+
+    @property
+    def touched_paths(self) -> list[str]:
+        """The paths of every change, whatever its verdict."""
+        return [
+            (self.prefix.rstrip(".") if m.path.startswith("[") else self.prefix) + m.path
+            for m in self.mutations
         ]
 
     def describe(self) -> str:
@@ -133,6 +142,33 @@ BAD_NUMBERS: list[Any] = [
 ]
 # Values some numeric fields take: each field's verdict is the model's and the API server's.
 ODD_NUMBERS: list[Any] = [0, 0.0, 1e308, 1e-308, 5e-324, 1e-320, 1.5, 2**31, 2**63, 10**20]
+# Each bounded number's lowest and highest allowed value (the model's and the CRD's): at a bound it
+# passes (unless another rule says otherwise), one step past it (the next float, or the next
+# integer) it is refused with an error naming the field. workload.totalRate may also be 0.
+BOUNDS: dict[tuple[str, ...], tuple[float, float]] = {
+    ("workload", "totalRate"): (1e-6, 1e9),
+    ("workload", "distribution", "*", "*"): (0.0, 1e12),
+    ("workload", "fromPrometheus", "minRequests"): (0.0, 1e12),
+    ("gpus", "*", "throughput", "*", "*"): (0.0, 1e9),
+    ("gpus", "*", "costPerHour"): (5e-324, 1e9),  # more than 0: the least float is allowed
+    ("headroom",): (0.0, 10.0),
+}
+INTEGER_BOUNDS: dict[tuple[str, ...], tuple[int, int]] = {
+    ("sliceFactor",): (1, 1024),
+    ("gpus", "*", "minReplicas"): (0, 10_000),
+    ("gpus", "*", "maxReplicas"): (0, 10_000),
+}
+
+
+def past(bound: float, upward: bool) -> float:
+    """The value one step past `bound`: the next float (or integer) outside it."""
+    if isinstance(bound, int):
+        return bound + (1 if upward else -1)
+    if bound == 5e-324 and not upward:
+        return 0.0
+    return math.nextafter(bound, math.inf if upward else -math.inf)
+
+
 UNKNOWN_KEYS = ["bogusField", "slicefactor", "Name", "replicas", "1", ""]
 SLICE_FACTORS: list[tuple[Any, Verdict]] = [
     (0, "invalid"),
@@ -169,6 +205,7 @@ def mutation(draw: st.DrawFn, spec: Any) -> Mutation | None:
             [
                 "bad_number",
                 "odd_number",
+                "bound",
                 "wrong_shape",
                 "unknown_field",
                 "missing_field",
@@ -191,6 +228,20 @@ def mutation(draw: st.DrawFn, spec: Any) -> Mutation | None:
         bad = category == "bad_number"
         set_at(spec, steps, draw(st.sampled_from(BAD_NUMBERS if bad else ODD_NUMBERS)))
         return Mutation(category, render(steps), "invalid" if bad else "any")
+    if category == "bound":
+        limits = {**BOUNDS, **INTEGER_BOUNDS}
+        bounded = _spec_nodes(spec, lambda s, n: is_number(n) and _pattern(s) in limits)
+        if not bounded:
+            return None
+        steps, _ = draw(st.sampled_from(bounded))
+        low, high = limits[_pattern(steps)]
+        upward = draw(st.booleans())
+        bound = high if upward else low
+        if draw(st.booleans()):  # at the bound: the field itself is valid
+            set_at(spec, steps, bound)
+            return Mutation(category, render(steps), "any")
+        set_at(spec, steps, past(bound, upward))
+        return Mutation(category, render(steps), "invalid")
     if category == "wrong_shape":
         nodes = _spec_nodes(spec, lambda _, n: True)
         steps, node = draw(st.sampled_from(nodes))
@@ -289,8 +340,17 @@ def fuzzed_allocations(
         if done is not None:
             fuzzed.mutations.append(done)
     if require_invalid and not fuzzed.invalid_paths:
-        done = draw(mutation(spec).filter(lambda m: m is not None and m.verdict == "invalid"))
-        assert done is not None
+        # Each attempt changes a copy: a draw that is not kept must leave no change behind (one
+        # that did could leave, say, an unknown field that no recorded mutation names).
+        for _ in range(20):
+            trial = copy.deepcopy(spec)
+            done = draw(mutation(trial))
+            if done is not None and done.verdict == "invalid":
+                break
+        else:
+            reject()
+        spec.clear()
+        spec.update(trial)
         fuzzed.mutations.append(done)
     return fuzzed
 

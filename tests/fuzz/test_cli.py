@@ -25,9 +25,11 @@ from click.testing import CliRunner, Result
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from melange.cli import main
+from melange.cli import EXIT_INTERNAL, main
 
 from .mutations import (
+    BOUNDS,
+    INTEGER_BOUNDS,
     NOT_ALLOCATIONS,
     Fuzzed,
     Mutation,
@@ -35,10 +37,13 @@ from .mutations import (
     example_manifests,
     fuzzed_allocations,
     hostile_texts,
+    is_number,
+    past,
     render,
     set_at,
     to_json,
     to_yaml,
+    walk,
     within,
 )
 
@@ -46,7 +51,7 @@ pytestmark = pytest.mark.fuzz
 
 MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
 HANG = 30.0  # seconds: far more than any of these inputs takes; past it the input hung the command
-EXIT_CODES = {0, 1, 2, 4}
+EXIT_CODES = {0, 1, 2, 4}  # never EXIT_INTERNAL: an internal error the fuzzer finds is a bug
 # `error: <field path>: ...`, the path as `spec.gpus[1].costPerHour` (or `document`, `kind`, ...)
 FIELD_LINE = re.compile(r"^error: (?P<path>[\w.\[\]\"-]*[\w\]]): ")
 MORE_LINE = re.compile(r"^error: \.\.\. and \d+ more errors$")
@@ -83,6 +88,7 @@ def solve(tmp_path: Path, data: bytes) -> Result:
         f"crashed: {result.exception!r}\n{data[:300]!r}"
     )
     assert "Traceback" not in result.output + result.stderr
+    assert result.exit_code != EXIT_INTERNAL, f"internal error: {result.stderr}\n{data[:300]!r}"
     assert result.exit_code in EXIT_CODES, result.output
     return result
 
@@ -162,8 +168,9 @@ TINY_THROUGHPUT = pinned("odd_number", {"gpus.0.throughput.0.0": 1e-320}, "any")
 DENORMAL_THROUGHPUTS = pinned(
     "odd_number", {f"gpus.{g}.throughput.2.3": 5e-324 for g in range(5)}, "any"
 )
-# A rate of 1e308: plans of ~1e306 replicas that failed their own certificate ("unsolved").
-HUGE_RATE = pinned("odd_number", {"workload.totalRate": 1e308}, "any")
+# A rate of 1e308: plans of ~1e306 replicas that failed their own certificate ("unsolved"); now
+# totalRate is at most 1e9, for the model and the CRD alike.
+HUGE_RATE = pinned("odd_number", {"workload.totalRate": 1e308}, "invalid")
 # A cost of 1e308 per hour: OverflowError finding the costs' grid (round(1e308 / 1e-6)); now
 # costPerHour is at most 1e9, for the model and the CRD alike.
 HUGE_COST = pinned("odd_number", {"gpus.1.costPerHour": 1e308}, "invalid")
@@ -171,9 +178,24 @@ HUGE_COST = pinned("odd_number", {"gpus.1.costPerHour": 1e308}, "invalid")
 SMALL_SUM = pinned(
     "odd_number",
     {
-        "workload.totalRate": 1e308,
         "workload.distribution": [[0.01] * 6 for _ in range(8)],
+        "workload.totalRate": 1e308,  # the change that is refused, last (pinned names the last)
     },
+    "invalid",
+)
+# Every cell 1e307: their sum overflowed, and the plan was for 0 req/s; cells are at most 1e12.
+HUGE_CELLS = pinned(
+    "odd_number", {"workload.distribution": [[1e307] * 6 for _ in range(8)]}, "invalid"
+)
+# The largest cells and rate the bounds allow, and the least positive rate: a plan, or a reason.
+LARGEST_CELLS = pinned(
+    "bound",
+    {"workload.totalRate": 1e9, "workload.distribution": [[1e12] * 6 for _ in range(8)]},
+    "any",
+)
+LEAST_RATE = pinned(
+    "bound",
+    {"workload.totalRate": 1e-6, "workload.distribution": [[5e-324] * 6 for _ in range(8)]},
     "any",
 )
 
@@ -193,8 +215,44 @@ SMALL_SUM = pinned(
 @example(fuzzed=HUGE_RATE, encoding="json")
 @example(fuzzed=SMALL_SUM, encoding="yaml")
 @example(fuzzed=HUGE_COST, encoding="json")
+@example(fuzzed=HUGE_CELLS, encoding="json")
+@example(fuzzed=LARGEST_CELLS, encoding="yaml")
+@example(fuzzed=LEAST_RATE, encoding="json")
 def test_mutated_allocations(tmp_path: Path, fuzzed: Fuzzed, encoding: str) -> None:
     run_fuzzed(tmp_path, fuzzed, encoding)
+
+
+def bounded_fields() -> list[tuple[str, float, bool]]:
+    """Each bounded number of the first example, at each of its bounds and one step past it."""
+    spec = MANIFEST["spec"]
+    limits = {**BOUNDS, **INTEGER_BOUNDS}
+    cases = []
+    seen = set()
+    for steps, node in walk(spec):
+        pattern = tuple("*" if isinstance(s, int) else s for s in steps)
+        if not (is_number(node) and pattern in limits) or pattern in seen:
+            continue
+        seen.add(pattern)  # the first of each: gpus[0].throughput[0][0], ...
+        low, high = limits[pattern]
+        path = ".".join(str(s) for s in steps)
+        cases += [(path, low, True), (path, high, True)]
+        cases += [(path, past(low, upward=False), False), (path, past(high, upward=True), False)]
+    return cases
+
+
+@pytest.mark.parametrize(("path", "value", "allowed"), bounded_fields())
+def test_a_bound_is_allowed_and_one_step_past_it_is_not(
+    tmp_path: Path, path: str, value: float, allowed: bool
+) -> None:
+    fuzzed = pinned("bound", {path: value}, "any" if allowed else "invalid")
+    result = solve(tmp_path, to_json(fuzzed.document).encode())
+    check(fuzzed, result)
+    field = fuzzed.mutations[0].path
+    if allowed:  # another rule may refuse it (minReplicas above maxReplicas), never this field's
+        paths = assert_every_line_names_a_field(result) if result.exit_code == 2 else []
+        assert not any(within(p, field) for p in paths), result.output
+    else:
+        assert result.exit_code == 2, result.output
 
 
 # -- hostile texts ---------------------------------------------------------------------------------
@@ -251,6 +309,24 @@ def test_hostile_text_through_the_command(tmp_path: Path, name: str, stdin: bool
     assert lines[0].startswith(f"error: {'-' if stdin else path}: "), lines
 
 
+@pytest.mark.parametrize("stdin", [False, True], ids=["file", "stdin"])
+def test_endless_input_is_refused_by_the_size_cap(stdin: bool) -> None:
+    """/dev/zero never ends: at most the cap and one byte more are read, then exit 2."""
+    command = [MELANGE, "solve", "-" if stdin else "/dev/zero"]
+    with Path("/dev/zero").open("rb") as zeros:
+        done = subprocess.run(
+            command,
+            stdin=zeros if stdin else subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,  # a hang fails the test
+            check=False,
+        )
+    source = "-" if stdin else "/dev/zero"
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.decode() == f"error: {source}: larger than 3145728 bytes\n"
+    assert done.stdout == b""
+
+
 # -- numbers as kubectl reads them -----------------------------------------------------------------
 
 
@@ -282,10 +358,24 @@ def test_rate_option_must_be_finite(tmp_path: Path, rate: str) -> None:
     assert result.stderr.startswith("error: --rate: must be a finite number"), result.stderr
 
 
-@pytest.mark.parametrize("cell", [1e308, 5e-324])
+@pytest.mark.parametrize("limit", ["nan", "inf"])
+def test_time_limit_option_must_be_finite(limit: str) -> None:
+    """A NaN time limit left no time at all, and a hard allocation came out unsolved."""
+    result = CliRunner().invoke(
+        main, ["solve", str(EXAMPLES_DIR / "mixed.yaml"), "--time-limit", limit]
+    )
+    assert result.exit_code == 2, result.output
+    assert (
+        result.stderr == f"error: --time-limit: must be a finite number of seconds, got {limit}\n"
+    )
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("cell", [1e12, 5e-324])
 def test_distribution_of_extreme_cells_keeps_the_rate(tmp_path: Path, cell: float) -> None:
     """Cells of 1e308 overflowed their sum to inf, and the plan served no traffic (0 replicas,
-    `Optimal`); cells of 5e-324 made every rate inf. Only the cells' ratios count."""
+    `Optimal`); cells of 5e-324 made every rate inf. Only the cells' ratios count: the largest
+    cells allowed (1e12; 1e308 is now refused) and the least float both give the full rate."""
     document = copy.deepcopy(MANIFEST)
     distribution = document["spec"]["workload"]["distribution"]
     document["spec"]["workload"]["distribution"] = [[cell] * len(distribution[0])] * len(

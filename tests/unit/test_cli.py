@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 import yaml
+from click.testing import CliRunner, Result
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
@@ -299,3 +303,178 @@ def test_commands_given_profiles_load_no_other_command(tmp_path: Path, args: lis
     modules = imported(args[0], str(workload if args[0] == "solve" else log), *args[1:])
     assert modules & COMMAND_MODULES == {f"melange.cli.{args[0]}"}
     assert "melange.tools.profiles" in modules
+
+
+# -- exit codes that say what happened ------------------------------------------------------------
+
+
+def invoke(*args: str, env: dict[str, str | None] | None = None) -> Result:
+    from melange.cli import main
+
+    return CliRunner().invoke(main, list(args), env=env)
+
+
+def broken_solver(monkeypatch: pytest.MonkeyPatch, exc: BaseException) -> None:
+    """Make `melange.plan.solver.solve` raise `exc`: a stand-in for a bug, since no real input is
+    known to reach an unexpected exception (each one the fuzzer found was fixed)."""
+    from melange.plan import solver
+
+    def broken(*args: object, **kwargs: object) -> NoReturn:
+        raise exc
+
+    monkeypatch.setattr(solver, "solve", broken)
+
+
+LONG_MESSAGE = "first line\nsecond\tline " + "x" * 500
+
+
+def test_an_internal_error_is_exit_5_in_two_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No real input reaches this path: the solver is patched to raise."""
+    from melange.cli import EXIT_INTERNAL, MAX_MESSAGE_CHARS
+
+    broken_solver(monkeypatch, ZeroDivisionError(LONG_MESSAGE))
+    result = invoke("solve", str(EXAMPLES / "mixed.yaml"), env={"MELANGE_DEBUG": None})
+    assert result.exit_code == EXIT_INTERNAL == 5
+    assert result.stdout == ""
+    first, second = result.stderr.splitlines()  # exactly two lines
+    prefix = "error: internal error: ZeroDivisionError: "
+    assert first.startswith(prefix + "first line second line xxx")
+    assert first.endswith("...")
+    assert len(first) == len(prefix) + MAX_MESSAGE_CHARS
+    assert second.startswith("error: this is a bug in melange; please report it")
+    assert "--debug" in second
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["--debug"], None), ([], {"MELANGE_DEBUG": "1"})],
+    ids=["--debug", "MELANGE_DEBUG=1"],
+)
+def test_debug_shows_the_traceback(
+    monkeypatch: pytest.MonkeyPatch, args: list[str], env: dict[str, str | None] | None
+) -> None:
+    """No real input reaches this path: the solver is patched to raise."""
+    broken_solver(monkeypatch, RuntimeError("broken"))
+    result = invoke(*args, "solve", str(EXAMPLES / "mixed.yaml"), env=env)
+    assert result.exit_code == 5
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert "RuntimeError: broken" in lines
+    assert lines[-2:] == [
+        "error: internal error: RuntimeError: broken",
+        "error: this is a bug in melange; please report it with the traceback above",
+    ]
+
+
+def test_an_interrupt_is_exit_130(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Click alone turns Ctrl-C into "Aborted!" and exit 1, the code of "infeasible"."""
+    broken_solver(monkeypatch, KeyboardInterrupt())
+    result = invoke("solve", str(EXAMPLES / "mixed.yaml"))
+    assert result.exit_code == 130
+    assert result.stderr.splitlines()[-1] == "error: interrupted"
+
+
+def test_usage_errors_and_exit_codes_pass_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert invoke("solve", str(EXAMPLES / "mixed.yaml"), "--method", "nope").exit_code == 2
+    assert invoke("nope").exit_code == 2
+    broken_solver(monkeypatch, SystemExit(4))
+    assert invoke("solve", str(EXAMPLES / "mixed.yaml")).exit_code == 4
+
+
+@pytest.mark.parametrize(
+    "args", [["profiles", "list"], ["solve", str(EXAMPLES / "mixed.yaml"), "-o", "json"]]
+)
+def test_a_closed_output_is_exit_141(args: list[str]) -> None:
+    """`melange ... | head -1`: click alone exits 1 (the code of "infeasible") on a closed pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # closed before the command writes anything
+    try:
+        done = subprocess.run(
+            [MELANGE, *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert done.stderr == ""
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
+def test_time_limit_must_be_a_positive_finite_number(value: str) -> None:
+    result = run("solve", str(EXAMPLES / "mixed.yaml"), "--time-limit", value)
+    assert result.returncode == 2, result.stderr
+    assert "--time-limit" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "option"),
+    [
+        (["profiles", "estimate", "--gpu", "L4", "--tpot-ms", "nan"], "--tpot-ms"),
+        (
+            ["profiles", "estimate", "--gpu", "L4", "--tpot-ms", "50", "--cost-per-hour", "inf"],
+            "--cost-per-hour",
+        ),
+        (["workload", "-", "--rate", "nan"], "--rate"),
+        (["run", "--resync-seconds", "nan"], "--resync-seconds"),
+    ],
+)
+def test_numeric_options_must_be_finite(args: list[str], option: str) -> None:
+    result = run(*args, stdin="")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == f"error: {option}: must be a finite number, got {args[-1]}\n"
+
+
+def test_inputs_that_are_not_files_are_refused(tmp_path: Path) -> None:
+    """A device or a pipe as LOG, endless input as a profile, bytes that are not text: exit 2 with
+    one line naming the input, never a crash or a hang."""
+    not_text = tmp_path / "token"
+    not_text.write_bytes(b"\xff\xfe")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    prometheus = ["--from-prometheus", "http://127.0.0.1:9", "--model", "m"]
+    edges = ["--input-edges", "1,10", "--output-edges", "1,10"]
+    cases = {
+        ("workload", "/dev/zero", "--rate", "1"): (
+            "/dev/zero: not a regular file; give it on stdin instead (LOG '-')"
+        ),
+        ("profiles", "import", "/dev/zero"): "/dev/zero: larger than 16777216 bytes",
+        ("profiles", "import", str(deep)): f"{deep}: nested too deeply to be a profile",
+        ("workload", *prometheus, *edges, "--bearer-token-file", str(not_text)): (
+            f"--bearer-token-file {not_text}: not UTF-8 text: byte 0xff at offset 0"
+        ),
+        ("workload", *prometheus, *edges, "--ca-file", "/dev/zero"): (
+            "--ca-file /dev/zero: larger than 1048576 bytes"
+        ),
+    }
+    for args, message in cases.items():
+        result = run(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr == f"error: {message}\n", args
+
+
+def test_a_value_echoed_in_an_error_is_short() -> None:
+    """A `!!binary` or `!!set` value was printed whole: hundreds of kilobytes in one line."""
+    blob = base64.b64encode(bytes(100_000)).decode()
+    keys = ", ".join(f"k{i}" for i in range(20_000))
+    for value, shown in [
+        (f"!!binary {blob}", "binary data of 100000 bytes"),
+        (f"!!set {{{keys}}}", "a set of 20000"),
+    ]:
+        spec = SMALL.replace("totalRate: 34", f"totalRate: {value}")
+        result = run("solve", "-", stdin=spec)
+        assert result.returncode == 2
+        assert result.stderr == f"error: spec.workload.totalRate: must be a number, got {shown}\n"
+
+
+def test_a_huge_float_is_echoed_in_its_exponent_form() -> None:
+    """An integral float was printed as an integer: 1e308 as 309 digits."""
+    spec = SMALL.replace("costPerHour: 0.8", "costPerHour: 1e308")
+    result = run("solve", "-", stdin=spec)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == "error: spec.gpus[0].costPerHour: must be <= 1000000000, got 1e+308\n"

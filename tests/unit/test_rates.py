@@ -437,7 +437,7 @@ PARSE_ERRORS = [
     ("+Inf", 200, vector("+Inf"), rates.InvalidValue, "is +Inf, not a rate"),
     ("-Inf", 200, vector("-Inf"), rates.InvalidValue, "is -Inf, not a rate"),
     ("negative", 200, vector("-3"), rates.InvalidValue, "is -3; a request rate cannot be negative"),
-    ("not a number", 200, vector("fast"), rates.InvalidResponse, "is not a number: fast"),
+    ("not a number", 200, vector("fast"), rates.InvalidResponse, "value is not a number"),
     (
         "bad query",
         400,
@@ -458,10 +458,22 @@ PARSE_ERRORS = [
         rates.PrometheusUnavailable,
         "Prometheus: timeout: query timed out (HTTP 503)",
     ),
-    ("proxy 502", 502, "<html>Bad Gateway</html>", rates.PrometheusUnavailable, "HTTP 502 from"),
-    ("unauthorized", 401, "Unauthorized\n", rates.QueryFailed, "HTTP 401 from"),
+    (
+        "proxy 502",
+        502,
+        "<html>Bad Gateway</html>",
+        rates.PrometheusUnavailable,
+        "is not Prometheus API JSON (HTTP 502, no content type, 24 bytes)",
+    ),
+    (
+        "unauthorized",
+        401,
+        "Unauthorized\n",
+        rates.QueryFailed,
+        "(HTTP 401, no content type, 13 bytes; is the url Prometheus' base URL",
+    ),
     ("garbage", 200, "# HELP up\nup 1\n", rates.InvalidResponse, "is not Prometheus API JSON"),
-    ("empty body", 200, "", rates.InvalidResponse, "(empty)"),
+    ("empty body", 200, "", rates.InvalidResponse, "(HTTP 200, no content type, 0 bytes)"),
     (
         "matrix",
         200,
@@ -500,6 +512,58 @@ def test_parse_errors_name_the_problem(
         rates.parse_query_response(status, body, "http://prom/api/v1/query")
     assert message in info.value.message
     assert info.value.reason == error.reason
+
+
+@pytest.mark.parametrize("status", [200, 302, 401, 404, 500, 502])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "<html><body>internal admin page: MARKER-1234</body></html>",
+        '{"MARKER-1234": true}',
+        json.dumps({"status": "success", "data": "MARKER-1234"}),
+        json.dumps({"status": "success", "data": {"resultType": "MARKER-1234", "result": []}}),
+        json.dumps(
+            {"status": "success", "data": {"resultType": "scalar", "result": "MARKER-1234"}}
+        ),
+        json.dumps(
+            {"status": "success", "data": {"resultType": "vector", "result": "MARKER-1234"}}
+        ),
+        json.dumps(
+            {"status": "success", "data": {"resultType": "vector", "result": ["MARKER-1234"]}}
+        ),
+        vector("MARKER-1234"),
+    ],
+)
+def test_no_part_of_an_answer_body_is_quoted(status: int, body: str) -> None:
+    """Only Prometheus' own errorType and error fields are quoted: the url may point at a page
+    that is not Prometheus, and the message ends up in a status others can read."""
+    with pytest.raises(rates.RateError) as info:
+        rates.parse_query_response(status, body, "http://prom/api/v1/query")
+    assert "MARKER" not in info.value.message
+
+
+def test_a_non_prometheus_answer_is_described_by_status_type_and_size() -> None:
+    body = "<html>" + "x" * 5111 + "</html>"
+    with pytest.raises(rates.InvalidResponse) as info:
+        rates.parse_query_response(
+            200, body, "http://p/api/v1/query", content_type="text/html; charset=utf-8"
+        )
+    assert info.value.message == (
+        "the answer from http://p/api/v1/query is not Prometheus API JSON "
+        "(HTTP 200, text/html, 5124 bytes)"
+    )
+
+
+def test_prometheus_errors_are_one_short_printable_line() -> None:
+    error = "bad\x1b[31m thing\r\nX-Injected: 1\x00" + "y" * 500
+    body = json.dumps({"status": "error", "errorType": "bad_data\n", "error": error})
+    with pytest.raises(rates.QueryFailed) as info:
+        rates.parse_query_response(400, body)
+    message = info.value.message
+    assert message.startswith("Prometheus: bad_data: bad [31m thing X-Injected: 1 yyy")
+    assert message.endswith("... (HTTP 400)")
+    assert all(c.isprintable() for c in message)
+    assert len(message) < 260
 
 
 def test_many_series_are_listed_briefly() -> None:
@@ -718,3 +782,11 @@ def test_rate_state_resumes_from_the_status() -> None:
     assert state.condition == Condition(RATE_OBSERVED, "False", "NoData", "none")
     fresh = RateState.from_status({"solvedRate": 34})
     assert fresh.plan_rate() is None  # never observed: spec.workload.totalRate
+
+
+def test_a_rate_no_allocation_can_be_planned_for_is_invalid() -> None:
+    body = json.dumps(
+        {"status": "success", "data": {"resultType": "scalar", "result": [1712345678.1, "2e9"]}}
+    )
+    with pytest.raises(rates.InvalidValue, match="more than the 1e\\+09 an allocation"):
+        rates.parse_query_response(200, body)

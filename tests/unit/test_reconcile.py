@@ -14,7 +14,7 @@ from melange.api import conditions
 from melange.api.conditions import Condition
 from melange.controller import decide
 from melange.plan import solver
-from melange.plan.result import GpuResult, Plan
+from melange.plan.result import BucketAssignment, GpuResult, Plan, Share
 
 CRD_FILE = Path(__file__).parents[2] / "crds" / "melangeallocations.melange.dev.yaml"
 
@@ -127,6 +127,29 @@ def test_plan_status_fields() -> None:
     assert status["lastSolveTime"] == "2026-01-02T03:04:05Z"
     assert [g["name"] for g in status["gpus"]] == ["L4", "A100"]
     assert {s["gpu"] for b in status["routing"] for s in b["shares"]} == {"A100"}
+    assert status["routingOmitted"] is None
+
+
+def test_a_routing_table_too_large_for_the_status_is_left_out_with_a_note() -> None:
+    """Every one of 32 x 32 buckets split between 16 types of 63-character names: more than the
+    status keeps. The table is deleted (None in a merge patch), and the status says why."""
+    names = [f"{k:02d}" + "g" * 61 for k in range(16)]
+    shares = tuple(Share(name, 64, 0.0625) for name in names)
+    plan = Plan(
+        status="Optimal",
+        gpus=tuple(GpuResult(name, 1, 1.0, 0.5, 0.5) for name in names),
+        cost_per_hour=16.0,
+        assignment=tuple(
+            BucketAssignment((i + 1, i + 2), (j + 1, j + 2), 1.0 / 3, shares)
+            for i in range(32)
+            for j in range(32)
+        ),
+    )
+    status = decide.plan_status(plan, T0)
+    assert status["routing"] is None
+    assert "1024 buckets" in status["routingOmitted"]
+    assert f"more than the {decide.MAX_ROUTING_BYTES}" in status["routingOmitted"]
+    assert status["totalReplicas"] == 16
 
 
 def test_kubectl_describe_prints_the_conditions_first() -> None:

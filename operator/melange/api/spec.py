@@ -34,9 +34,18 @@ MAX_BUCKETS = MAX_EDGES - 1
 MAX_GPUS = 16
 MAX_REPLICAS = 10_000
 MAX_COST_PER_HOUR = 1_000_000_000  # any currency
+# Bounds on the workload's numbers, so that no sum or product the solver forms can overflow: a
+# bucket's load is at most MAX_RATE * (1 + headroom) req/s over a throughput, 1,024 buckets of 1,024
+# slices sum far below the float maximum, and a distribution's cells sum to at most 1024 * 1e12.
+MAX_RATE = 1_000_000_000  # req/s: workload.totalRate and each gpus[].throughput cell
+MIN_POSITIVE_RATE = 1e-6  # req/s: a positive totalRate is at least this (one request in 11.6 days)
+MAX_CELL = 1_000_000_000_000  # workload.distribution cells (relative rates, any scale)
+MAX_MIN_REQUESTS = 1_000_000_000_000  # workload.fromPrometheus.minRequests
 GPU_NAME_PATTERN = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 REPLICAS_PATH_PATTERN = r"^(/[^/]+)+$"
-URL_PATTERN = r"^https?://"
+# http(s), a host, an optional path: no user info, query or fragment (nor a backslash or a space),
+# so nothing in the URL can move the query endpoint the operator appends to its path.
+URL_PATTERN = r"^https?://[^/?#@\\\s]+(/[^?#\\\s]*)?$"
 POLICIES = ("Enforce", "Observe")
 
 
@@ -49,10 +58,17 @@ def _integral(value: Any) -> Any:
 
 Integer = Annotated[int, BeforeValidator(_integral)]
 Number = Annotated[float, Field(allow_inf_nan=False)]
-NonNegativeNumber = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Edge = Annotated[Integer, Field(ge=1, le=MAX_EDGE)]
-Row = Annotated[list[NonNegativeNumber], Field(min_length=1, max_length=MAX_BUCKETS)]
-Matrix = Annotated[list[Row], Field(min_length=1, max_length=MAX_BUCKETS)]
+Cell = Annotated[float, Field(ge=0, le=MAX_CELL, allow_inf_nan=False)]
+Throughput = Annotated[float, Field(ge=0, le=MAX_RATE, allow_inf_nan=False)]
+Matrix = Annotated[
+    list[Annotated[list[Cell], Field(min_length=1, max_length=MAX_BUCKETS)]],
+    Field(min_length=1, max_length=MAX_BUCKETS),
+]
+ThroughputMatrix = Annotated[
+    list[Annotated[list[Throughput], Field(min_length=1, max_length=MAX_BUCKETS)]],
+    Field(min_length=1, max_length=MAX_BUCKETS),
+]
 Name = Annotated[str, Field(min_length=1, max_length=253)]
 Policy = Literal["Enforce", "Observe"]
 
@@ -79,13 +95,14 @@ class DistributionSource(_Model):
 
     window_seconds: Integer = Field(default=3600, alias="windowSeconds", ge=10, le=7 * 86400)
     drift_tolerance: Number = Field(default=0.1, alias="driftTolerance", gt=0, le=1)
-    min_requests: Number = Field(default=100, alias="minRequests", ge=0)
+    min_requests: Number = Field(default=100, alias="minRequests", ge=0, le=MAX_MIN_REQUESTS)
     model_name: Name | None = Field(default=None, alias="modelName")
 
 
 class Workload(_Model):
     distribution: Matrix
-    total_rate: Number = Field(alias="totalRate", ge=0)
+    # 0, or MIN_POSITIVE_RATE..MAX_RATE (the lower end is a cross-field rule: it names 0 too)
+    total_rate: Number = Field(alias="totalRate", ge=0, le=MAX_RATE)
     from_prometheus: DistributionSource | None = Field(default=None, alias="fromPrometheus")
 
 
@@ -106,7 +123,7 @@ class GpuType(_Model):
     name: str = Field(min_length=1, max_length=63, pattern=GPU_NAME_PATTERN)
     # bounded so that a plan's cost (at most 16 x 10,000 instances) is a finite number
     cost_per_hour: Number = Field(alias="costPerHour", gt=0, le=MAX_COST_PER_HOUR)
-    throughput: Matrix
+    throughput: ThroughputMatrix
     min_replicas: Integer = Field(default=0, alias="minReplicas", ge=0, le=MAX_REPLICAS)
     max_replicas: Integer | None = Field(default=None, alias="maxReplicas", ge=0, le=MAX_REPLICAS)
     scale_target_ref: ObjectReference | None = Field(default=None, alias="scaleTargetRef")
@@ -201,14 +218,22 @@ def _show(value: Any) -> str:
         return repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer() and math.isfinite(value):
-        return str(int(value))
+    if (
+        isinstance(value, float)
+        and value.is_integer()
+        and math.isfinite(value)
+        and abs(value) < 1e16
+    ):
+        return str(int(value))  # 3.0 as 3; 1e308 stays 1e+308, not 309 digits
     if isinstance(value, int) and abs(value) >= 10**20:
         digits = str(abs(value))
         return f"{'-' if value < 0 else ''}{digits[:3]}... (an integer of {len(digits)} digits)"
-    if isinstance(value, list | dict):
+    if isinstance(value, list | dict | set | frozenset | tuple):
         return f"a {type(value).__name__} of {len(value)}"
-    return str(value)
+    if isinstance(value, bytes | bytearray):  # YAML's !!binary
+        return f"binary data of {len(value)} bytes"
+    text = str(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text)} characters)"
 
 
 def _group(api_version: str) -> str:
@@ -383,6 +408,17 @@ def _matrix_errors(raw: Any, p: str) -> list[FieldError]:
                     gpu.get("throughput"), rows, cols, f"{p}gpus[{k}].throughput"
                 )
     total = _get(raw, "workload", "totalRate")
+    if (
+        isinstance(total, int | float)
+        and not isinstance(total, bool)
+        and 0 < total < MIN_POSITIVE_RATE
+    ):
+        errors.append(
+            FieldError(
+                f"{p}workload.totalRate",
+                f"must be 0 or >= {MIN_POSITIVE_RATE:g} (req/s), got {_show(total)}",
+            )
+        )
     cells = [v for row in _as_list(distribution) or [] for v in (_as_list(row) or [])]
     numbers = all(isinstance(v, int | float) and not isinstance(v, bool) for v in cells)
     # The cells are >= 0, so a positive sum is a positive cell (which CEL can check cheaply).
@@ -544,7 +580,8 @@ def parse_document(document: Any) -> Allocation:
 
 # Limits on a document before it is validated: what the API server would take, with room to spare.
 # A request body there is at most 3 MiB; the largest allocation the CRD admits (32 x 32 buckets,
-# 16 GPU types) is about 120 KB of JSON and holds about 17,000 values, 6 levels deep.
+# 16 GPU types) is about 340 KB of JSON with every number at full precision, and holds about 17,000
+# values, 6 levels deep.
 MAX_DOCUMENT_BYTES = 3 * 1024 * 1024
 MAX_DOCUMENT_VALUES = 200_000  # every YAML alias counted as the copy it stands for
 MAX_DOCUMENT_DEPTH = 64

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 import click
 import yaml
 
-from melange.cli.util import EXIT_INVALID, dump, fail, parse_edges
+from melange.cli.util import (
+    EXIT_INVALID,
+    MAX_PROFILE_BYTES,
+    dump,
+    fail,
+    parse_edges,
+    read_text,
+    require_finite,
+)
 from melange.cli.version import installed_version
 from melange.tools import measurement, profiles
 
@@ -54,9 +62,10 @@ def _load_state(
     """The document to continue: the saved one when it matches, else a new one."""
     if restart or not path.exists():
         return measurement.new_document(meta, conditions)
+    text = read_text(path, MAX_PROFILE_BYTES, advice="pass --restart to overwrite it")
     try:
-        saved = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        saved = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as exc:
         fail([f"{path}: cannot read it to resume: {exc}; pass --restart to overwrite it"], 2)
     recorded = saved.get("measurement") if isinstance(saved, dict) else None
     if not isinstance(recorded, dict) or not str(recorded.get("tool", "")).startswith("melange"):
@@ -296,6 +305,15 @@ def profile_command(
         endpoint,  # aiohttp: imported by this command only, not by every `melange`
     )
 
+    require_finite(
+        {
+            "--cost-per-hour": cost_per_hour,
+            "--tpot-slo": tpot_slo,
+            "--percentile": percentile,
+            "--step-seconds": step_seconds,
+            "--max-duration": max_duration,
+        }
+    )
     inputs, outputs = (
         parse_edges(input_edges, "--input-edges"),
         parse_edges(output_edges, "--output-edges"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 import click
@@ -11,12 +10,15 @@ import yaml
 
 from melange.cli.util import (
     EXIT_INVALID,
+    MAX_PROFILE_BYTES,
     OUTPUT_FORMAT,
     dump,
     fail,
     load_named,
     optional_edges,
     read_spec,
+    read_text,
+    require_finite,
     user_profiles_dir,
 )
 from melange.plan import report
@@ -146,6 +148,7 @@ def profiles_estimate(
     memory left for the KV cache after the weights and by the SLO; each bucket is represented by the
     geometric midpoint of its edges. The output records every input, labelled as an estimate.
     """
+    require_finite({"--tpot-ms": tpot_ms, "--cost-per-hour": cost_per_hour})
     spec = perfmodel.GPUS[gpu]
     if cost_per_hour is not None:
         spec = dataclasses.replace(spec, cost_per_hour=cost_per_hour)
@@ -174,10 +177,7 @@ def profiles_import(file: str, user_dir: Path | None, force: bool) -> None:
     instead of `estimate:`. Its `profile` name is how `list`, `show` and `compare` find it; a
     user profile with the name of a shipped one replaces it. Exits 2 when the file is invalid.
     """
-    try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        fail([f"{file}: cannot read: {getattr(exc, 'strerror', None) or exc}"], EXIT_INVALID)
+    text = read_text(file, MAX_PROFILE_BYTES)
     directory = user_dir if user_dir is not None else profiles.user_profile_dir()
     try:
         path = profiles.import_profile(file, text, directory, force=force)

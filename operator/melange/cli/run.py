@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import click
 
-from melange.cli.util import fail
+from melange.cli.util import fail, require_finite
 
 
 @click.command()
@@ -45,6 +45,16 @@ from melange.cli.util import fail
     "Without it, a cluster-scoped scale target is refused.",
 )
 @click.option(
+    "--allow-prometheus-url",
+    "prometheus_urls",
+    metavar="PREFIX",
+    multiple=True,
+    help="A URL prefix rate sources may query, e.g. https://prometheus.monitoring.svc:9090 "
+    "(repeatable): same scheme, host and port, path at or below the prefix's. With it, every other "
+    "URL is refused; without it, any URL is queried and a bearer token is sent only to an "
+    "in-cluster Service (*.svc, *.svc.cluster.local).",
+)
+@click.option(
     "--resync-seconds",
     type=click.FloatRange(1, 3600),
     default=30,
@@ -79,6 +89,7 @@ def run(
     lease_namespace: str | None,
     identity: str | None,
     cluster_scoped: tuple[str, ...],
+    prometheus_urls: tuple[str, ...],
     resync_seconds: float,
     liveness: str | None,
     kubeconfig: str | None,
@@ -104,7 +115,9 @@ def run(
         run_operator,
     )
     from melange.controller.settings import RunSettings, Settings
+    from melange.controller.urls import parse_prefix
 
+    require_finite({"--resync-seconds": resync_seconds})  # NaN passes FloatRange
     bad = [name for name in cluster_scoped if "." not in name.strip(".")]
     if bad:
         fail(
@@ -114,6 +127,10 @@ def run(
             ],
             2,
         )
+    try:
+        prefixes = tuple(parse_prefix(prefix) for prefix in prometheus_urls)
+    except ValueError as exc:
+        fail([str(exc)], 2)
     settings = RunSettings(
         identity=identity or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or "melange",
         lease_namespace=lease_namespace
@@ -124,7 +141,9 @@ def run(
         leader_elect=leader_elect,
         kubeconfig=kubeconfig or os.environ.get("KUBECONFIG"),
         controller=Settings(
-            resync_seconds=resync_seconds, allow_cluster_scoped=frozenset(cluster_scoped)
+            resync_seconds=resync_seconds,
+            allow_cluster_scoped=frozenset(cluster_scoped),
+            allow_prometheus_urls=prefixes,
         ),
     )
 

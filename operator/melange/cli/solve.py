@@ -43,7 +43,7 @@ from melange.plan import result as plan_result
 @click.option(
     "--rate",
     type=click.FloatRange(min=0, max_open=False),
-    help="Total request rate in req/s, instead of spec.workload.totalRate.",
+    help="Total request rate in req/s, instead of spec.workload.totalRate (at most 1e9).",
 )
 @click.option(
     "--slice-factor",
@@ -104,12 +104,17 @@ def solve(
     naming both.
     """
     started = time.monotonic()
+    # NaN and inf pass FloatRange; a NaN time limit left no time at all
+    if rate is not None and not math.isfinite(rate):
+        fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
+    if rate is not None and rate > api.MAX_RATE:  # the bound of spec.workload.totalRate
+        fail([f"--rate: must be <= {api.MAX_RATE}, got {rate:g}"], EXIT_INVALID)
+    if not math.isfinite(time_limit):
+        fail([f"--time-limit: must be a finite number of seconds, got {time_limit}"], EXIT_INVALID)
     if profile_names:
         spec = _with_profiles(file, profile_names, profiles_dir)
     else:
         spec = read_allocation(file).spec
-    if rate is not None and not math.isfinite(rate):  # NaN and inf pass FloatRange
-        fail([f"--rate: must be a finite number, got {rate}"], EXIT_INVALID)
     from melange.plan import solver
     from melange.plan.problem import Problem
 

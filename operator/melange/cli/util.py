@@ -1,13 +1,15 @@
 """What every `melange` command shares: one `error:` line per problem, edge lists, YAML/JSON output.
 
 Exit codes are part of the interface: 0 done, 1 infeasible (`melange solve`), 2 invalid input or an
-input that cannot be read or reached (click's own usage errors use 2 as well).
+input that cannot be read or reached (click's own usage errors use 2 as well); an internal error
+is 5 for every command (`melange.cli.MainGroup`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import math
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,12 +25,25 @@ EXIT_INFEASIBLE = 1
 EXIT_INVALID = 2
 EXIT_UNSOLVED = 4
 MAX_ERROR_LINES = 100  # a document with more problems than this gets the first ones and a count
+MAX_CREDENTIAL_BYTES = 1024 * 1024  # a bearer token or a CA bundle (the system's is about 220 KB)
+MAX_PROFILE_BYTES = 16 * 1024 * 1024  # a measured profile with every step of 32 x 32 buckets
 
 
 def fail(lines: list[str], code: int) -> NoReturn:
     for line in lines:
         click.echo(f"error: {line}", err=True)
     sys.exit(code)
+
+
+def require_finite(options: Mapping[str, float | None]) -> None:
+    """Exit 2 naming each option whose value is NaN or infinite (both pass `click.FloatRange`)."""
+    bad = [
+        f"{name}: must be a finite number, got {value}"
+        for name, value in options.items()
+        if value is not None and not math.isfinite(value)
+    ]
+    if bad:
+        fail(bad, EXIT_INVALID)
 
 
 def parse_edges(value: str, option: str | None = None) -> list[int]:
@@ -68,6 +83,30 @@ def _read_bytes(path: str) -> bytes:
             return file.read(api.MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:
         fail([f"{path}: cannot read: {exc.strerror or exc}"], EXIT_INVALID)
+
+
+def read_text(path: str | Path, limit: int, what: str = "", advice: str = "") -> str:
+    """A small file's (or stdin's, `-`) UTF-8 text, at most `limit` bytes; a larger, unreadable
+    or non-UTF-8 one exits 2 naming it (`what`, e.g. "--ca-file ", goes before its name, `advice`
+    after the problem)."""
+
+    def refuse(problem: str) -> NoReturn:
+        fail([f"{what}{path}: {problem}{f'; {advice}' if advice else ''}"], EXIT_INVALID)
+
+    if str(path) == "-":
+        data = sys.stdin.buffer.read(limit + 1)
+    else:
+        try:
+            with Path(path).open("rb") as file:
+                data = file.read(limit + 1)
+        except OSError as exc:
+            refuse(f"cannot read: {exc.strerror or exc}")
+    if len(data) > limit:
+        refuse(f"larger than {limit} bytes")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        refuse(f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}")
 
 
 def fail_spec(error: api.SpecError) -> NoReturn:

@@ -14,12 +14,14 @@ import click
 
 from melange.cli.util import (
     EXIT_INVALID,
+    MAX_CREDENTIAL_BYTES,
     OUTPUT_FORMAT,
     dump,
     fail,
     load_named,
     optional_edges,
     read_allocation,
+    read_text,
     user_profiles_dir,
 )
 from melange.tools import workload
@@ -169,6 +171,9 @@ def workload_command(
         return
     if log is None:
         fail(["give a request LOG ('-' for stdin), or --from-prometheus URL"], EXIT_INVALID)
+    if log != "-" and Path(log).exists() and not Path(log).is_file():
+        # read twice (quantile edges, then the matrix): a pipe or a device cannot be
+        fail([f"{log}: not a regular file; give it on stdin instead (LOG '-')"], EXIT_INVALID)
     try:
         result = workload.build_workload(
             None if log == "-" else Path(log),
@@ -273,8 +278,12 @@ def _workload_from_prometheus(
     if not url.startswith(("http://", "https://")):
         fail([f"--from-prometheus: must be an http(s) URL, got {url!r}"], EXIT_INVALID)
     token_file, ca_file = credentials
-    token = token_file.read_text().strip() if token_file is not None else None
-    ca = ca_file.read_text() if ca_file is not None else None
+    token = (
+        read_text(token_file, MAX_CREDENTIAL_BYTES, "--bearer-token-file ").strip()
+        if token_file is not None
+        else None
+    )
+    ca = read_text(ca_file, MAX_CREDENTIAL_BYTES, "--ca-file ") if ca_file is not None else None
 
     async def fetch() -> tuple[distribution.Histogram, distribution.Histogram]:
         client = PrometheusClient()

@@ -6,6 +6,7 @@ Events) and call these pure functions in between, so every decision is unit-test
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,6 +28,11 @@ from melange.signals import coverage, rates
 from melange.signals.rates import RateError
 
 MAX_QUERY_SECONDS = 10
+# The per-bucket routing table is kept in the status up to this size of JSON. The largest spec the
+# CRD admits (32 x 32 buckets, 16 types, every number at full precision) makes a table of about
+# 150 KB; one whose buckets are each split between many types could pass the API server's limit on
+# a whole object (about 1.5 MiB, with the spec and kubectl's copy of it), so it is left out instead.
+MAX_ROUTING_BYTES = 256 * 1024
 RATE_STATUS_FIELDS = ("observedRate", "lastObservationTime", "observedSince", "rateHistory")
 
 
@@ -155,6 +161,16 @@ def desired_replicas(spec: AllocationSpec, plan: Plan) -> dict[str, int]:
 def plan_status(plan: Plan, now: datetime) -> dict[str, Any]:
     """The plan as `status` fields (lists keyed by name, numbers rounded for stable output)."""
     data = report.plan_to_dict(plan)
+    routing: list[dict[str, Any]] | None = data["assignment"]
+    omitted = None
+    size = len(json.dumps(routing, separators=(",", ":")))
+    if size > MAX_ROUTING_BYTES:
+        omitted = (
+            f"the routing table of {len(data['assignment'])} buckets is {size} bytes of JSON, more "
+            f"than the {MAX_ROUTING_BYTES} the status keeps; `melange solve -o yaml` prints it "
+            "(as `assignment`)"
+        )
+        routing = None  # a merge patch deletes the stale table
     return {
         "planStatus": plan.status,
         "costPerHour": data["costPerHour"],
@@ -165,7 +181,8 @@ def plan_status(plan: Plan, now: datetime) -> dict[str, Any]:
         "gpus": data["gpus"],
         # not "assignment" (the CLI's name): `kubectl describe` prints fields in alphabetical
         # order, and this long per-bucket list would come before the conditions
-        "routing": data["assignment"],
+        "routing": routing,
+        "routingOmitted": omitted,
         "lastSolveTime": timestamp(now),
         "solveSeconds": data["solveSeconds"],
     }

@@ -41,6 +41,8 @@ from melange.signals.prometheus import PrometheusClient
 
 TICK_SECONDS = 1.0
 SCALE_RETRY_SECONDS = 15.0
+INTERNAL_ERROR = "InternalError"
+MAX_ERROR_MESSAGE = 200  # characters of an unexpected failure's one-line message
 MAX_CONCURRENT = 16
 STOP_GRACE_SECONDS = 10.0
 
@@ -54,6 +56,14 @@ SOLVE_TRIGGERS = {
     "RateDrift": "rate_drift",
     "DistributionDrift": "distribution_drift",
 }
+
+
+def failure_message(exc: BaseException) -> str:
+    """An unexpected failure in one line: its type and message, cut to MAX_ERROR_MESSAGE."""
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    if len(text) > MAX_ERROR_MESSAGE:
+        text = text[: MAX_ERROR_MESSAGE - 3] + "..."
+    return text
 
 
 def _interval(spec: Mapping[str, Any]) -> float:
@@ -75,7 +85,7 @@ class Controller:
         self.settings = settings or Settings()
         self.prometheus = prometheus or PrometheusClient()
         self.states: dict[Key, AllocationState] = {}
-        self.observer = Observer(kube, self.prometheus)
+        self.observer = Observer(kube, self.prometheus, self.settings.allow_prometheus_urls)
         self.pools = Pools(kube, self.settings, self.bodies)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -190,15 +200,42 @@ class Controller:
             log.info("[%s/%s] Lost the Lease: the reconcile stopped before writing", *key)
         except StatusGone:
             self.forget(key)
-        except Exception:
+        except Exception as exc:
             # Not at once (no hot loop on a persistent failure): after a pause, as a resync.
             log.exception(
                 "[%s/%s] Reconcile failed; trying again in %.0f s", *key, SCALE_RETRY_SECONDS
             )
+            metrics.record_error(*key, INTERNAL_ERROR)
+            await self._report_failure(key, state, exc)
             body = self.bodies.get(key)
             if body is not None:
                 state.generation = int(body["generation"])
             state.next_resync = asyncio.get_running_loop().time() + SCALE_RETRY_SECONDS
+
+    async def _report_failure(self, key: Key, state: AllocationState, exc: Exception) -> None:
+        """Say in the status that the reconcile failed (Ready=False, InternalError; a Warning Event
+        when Ready turns so), through the one status write. When that write is what fails, the
+        log says so and the retry after the pause tries again."""
+        body = self.bodies.get(key)
+        if body is None or body.get("uid") != state.uid:
+            return
+        ready = conditions.Condition(
+            conditions.READY, "False", INTERNAL_ERROR, failure_message(exc)
+        )
+        work = Work(status=dict(state.status), updates=[ready])
+        now = datetime.now(UTC).replace(microsecond=0)
+        try:
+            await self._finish(key, body, state, work, int(body["generation"]), now, "failure")
+        except asyncio.CancelledError:
+            raise
+        except NotLeader:
+            log.info("[%s/%s] Lost the Lease: the failure is not reported", *key)
+        except StatusGone:
+            self.forget(key)
+        except Exception as write:
+            log.warning(
+                "[%s/%s] Cannot report the failure in the status: %s", *key, failure_message(write)
+            )
 
     # -- one reconcile
 

@@ -8,7 +8,7 @@ import logging
 from datetime import datetime
 
 from melange import api
-from melange.controller import decide, metrics
+from melange.controller import decide, metrics, urls
 from melange.controller.state import (
     AllocationState,
     EventSpec,
@@ -21,15 +21,18 @@ from melange.controller.state import (
 from melange.signals import distribution, rates
 from melange.signals.distribution import Observation
 from melange.signals.prometheus import PrometheusClient
-from melange.signals.rates import RateError
+from melange.signals.rates import RateError, URLNotAllowed
 
 log = logging.getLogger("melange.controller")
 
 
 class Observer:
-    def __init__(self, kube: Kube, prometheus: PrometheusClient) -> None:
+    def __init__(
+        self, kube: Kube, prometheus: PrometheusClient, allowed_urls: tuple[urls.Prefix, ...] = ()
+    ) -> None:
         self.kube = kube
         self.prometheus = prometheus
+        self.allowed_urls = allowed_urls
 
     async def observe(
         self,
@@ -47,6 +50,13 @@ class Observer:
         observed: float | None = None
         error: RateError | None = None
         try:
+            refused = urls.refusal(
+                source.prometheus.url,
+                self.allowed_urls,
+                sends_token=source.prometheus.bearer_token_secret_ref is not None,
+            )
+            if refused is not None:  # checked before any credential is read
+                raise URLNotAllowed(refused)
             token, ca = await asyncio.to_thread(self.kube.credentials, namespace, source.prometheus)
             observed, observation = await asyncio.gather(
                 self.prometheus.query_rate(

@@ -1,8 +1,10 @@
-"""How `melange run` configures the controller: identity, the Lease, the allow-list, the resync."""
+"""How `melange run` configures the controller: identity, the Lease, the allow-lists, the resync."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from melange.controller.urls import Prefix
 
 RESYNC_SECONDS = 30.0
 
@@ -14,6 +16,9 @@ class Settings:
     resync_seconds: float = RESYNC_SECONDS
     # "resource.group" of cluster-scoped kinds allocations may resize, e.g. nodepools.karpenter.sh
     allow_cluster_scoped: frozenset[str] = frozenset()
+    # URL prefixes rate sources may query (`--allow-prometheus-url`); empty: `controller.urls`'
+    # default (any URL, and a bearer token only to an in-cluster Service)
+    allow_prometheus_urls: tuple[Prefix, ...] = ()
 
 
 @dataclass(frozen=True)

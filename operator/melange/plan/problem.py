@@ -3,6 +3,11 @@
 The rules are stated here once, for the solver, its certificate check and the tests alike: a type
 carrying `load` instances' worth of traffic (headroom included) needs `replicas_for(load)` of them, and a
 plan's cost is a multiple of `cost_unit` when the prices lie on such a grid.
+
+Every number is bounded (the spec's bounds, `melange.api`), and a problem checks its own on
+construction, so nothing the solver sums or multiplies can overflow: a slice's load is at most
+MAX_REPLICAS instances (a type that would need more cannot serve the bucket), a type's load at
+most 32 x 32 buckets x 1,024 slices of that, and a plan's cost at most 16 x that x 1e9.
 """
 
 from __future__ import annotations
@@ -11,7 +16,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from melange.api import MAX_REPLICAS, AllocationSpec, bucket_label
+from melange.api import (
+    MAX_COST_PER_HOUR,
+    MAX_RATE,
+    MAX_REPLICAS,
+    MAX_SLICE_FACTOR,
+    AllocationSpec,
+    bucket_label,
+)
 
 # Loads within this of an integer count as that integer: floating-point noise must not buy a GPU.
 LOAD_EPSILON = 1e-7
@@ -19,7 +31,18 @@ LOAD_EPSILON = 1e-7
 
 def replicas_for(load: float, min_replicas: int = 0) -> int:
     """Instances that carry `load` (headroom included), never fewer than `min_replicas`."""
+    if not math.isfinite(load):
+        raise ValueError(f"a load of {load} instances is not a finite number")
     return max(min_replicas, math.ceil(load - LOAD_EPSILON))
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _in(value: float, low: float, high: float) -> bool:
+    return math.isfinite(value) and low <= value <= high
 
 
 def cost_unit(costs: Sequence[float]) -> float | None:
@@ -58,29 +81,72 @@ class Problem:
     slice_factor: int = 8
     headroom: float = 0.0
 
+    def __post_init__(self) -> None:
+        """Refuse numbers outside the bounds that keep every sum and product finite (a spec that
+        passed `melange.api` never has them; an observed rate or a fitted matrix might)."""
+        _check(
+            1 <= self.slice_factor <= MAX_SLICE_FACTOR,
+            f"slice factor {self.slice_factor} is not within 1..{MAX_SLICE_FACTOR}",
+        )
+        _check(_in(self.headroom, 0.0, 10.0), f"headroom {self.headroom} is not within 0..10")
+        _check(
+            all(_in(r, 0.0, MAX_RATE) for row in self.rates for r in row),
+            f"a bucket's rate is not a number within 0..{MAX_RATE:g} req/s",
+        )
+        for gpu in self.gpus:
+            _check(
+                _in(gpu.cost_per_hour, 0.0, MAX_COST_PER_HOUR) and gpu.cost_per_hour > 0,
+                f"{gpu.name}: cost {gpu.cost_per_hour} is not within (0, {MAX_COST_PER_HOUR:g}]",
+            )
+            _check(
+                all(_in(t, 0.0, MAX_RATE) for row in gpu.throughput for t in row),
+                f"{gpu.name}: a throughput is not a number within 0..{MAX_RATE:g} req/s",
+            )
+
     @classmethod
     def from_spec(
         cls, spec: AllocationSpec, rate: float | None = None, slice_factor: int | None = None
     ) -> Problem:
-        """Turn a validated spec into rates: bucket (i, j) gets `R * D[i][j] / sum(D)`."""
+        """Turn a validated spec into rates: bucket (i, j) gets `R * D[i][j] / sum(D)`.
+
+        `rate` (an observed rate) replaces `workload.totalRate`; outside 0..MAX_RATE it is refused
+        (ValueError), as a spec's would be. A positive rate over a matrix with a positive cell gives
+        a positive total: the largest cell's bucket gets at least `rate / 1024`.
+        """
         total_rate = spec.workload.total_rate if rate is None else rate
-        # shares of the largest cell first: cells near the float maximum would overflow their sum,
-        # and a rate near it times a cell over a small sum would overflow too
-        largest = max((v for row in spec.workload.distribution for v in row), default=0.0)
-        shares = [
-            [v / largest if largest > 0 else 0.0 for v in row] for row in spec.workload.distribution
-        ]
+        _check(
+            _in(total_rate, 0.0, MAX_RATE),
+            f"the request rate {total_rate} req/s is not a number within 0..{MAX_RATE:g}",
+        )
+        matrix = spec.workload.distribution
+        _check(
+            all(math.isfinite(v) and v >= 0 for row in matrix for v in row),
+            "the distribution has a cell that is negative or not a finite number",
+        )
+        # Shares of the largest cell: each in [0, 1], the largest exactly 1, so their sum is in
+        # [1, 1024] and never overflows, whatever the cells' scale (a fitted matrix is unbounded).
+        largest = max((v for row in matrix for v in row), default=0.0)
+        shares = [[v / largest if largest > 0 else 0.0 for v in row] for row in matrix]
         weight = sum(sum(row) for row in shares)
         rates = tuple(
             tuple(total_rate * (v / weight) if weight > 0 else 0.0 for v in row) for row in shares
+        )
+        # Only a rate far below any the spec admits (MIN_POSITIVE_RATE) can vanish in the division.
+        _check(
+            not (total_rate > 0 and largest > 0) or any(r > 0 for row in rates for r in row),
+            f"the request rate {total_rate} req/s is too small to share between buckets",
         )
         slices = spec.slice_factor if slice_factor is None else slice_factor
 
         def usable(i: int, j: int, throughput: float) -> float:
             """A bucket one slice of which needs more than MAX_REPLICAS instances of a type (the
-            most maxReplicas admits) is one that type cannot serve: so no load is ever infinite."""
-            load = rates[i][j] / slices / throughput * (1.0 + spec.headroom) if throughput else 0
-            return throughput if load <= MAX_REPLICAS else 0.0
+            most maxReplicas admits) is one that type cannot serve: so no load is ever infinite.
+            Compared as a product: the quotient by a throughput of 5e-324 would overflow."""
+            rate = rates[i][j]
+            if rate <= 0 or throughput <= 0:
+                return throughput
+            fits = rate * (1.0 + spec.headroom) <= MAX_REPLICAS * slices * throughput
+            return throughput if fits else 0.0
 
         return cls(
             input_edges=tuple(spec.buckets.input_tokens),

@@ -95,7 +95,13 @@ class Coverage:
 
 
 def parse_samples_response(
-    http_status: int, body: bytes | str, *, at: float, range_seconds: float, url: str = "Prometheus"
+    http_status: int,
+    body: bytes | str,
+    *,
+    at: float,
+    range_seconds: float,
+    url: str = "Prometheus",
+    content_type: str = "",
 ) -> Coverage:
     """The coverage of a range-vector answer (`samples_query`) evaluated at `at`."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
@@ -111,13 +117,14 @@ def parse_samples_response(
         and data.get("resultType") == "matrix"
     ):
         return _coverage(data.get("result"), at, range_seconds)
-    parse_vector_response(http_status, body, url)  # raises the error the answer carries
+    # raises the error the answer carries
+    parse_vector_response(http_status, body, url, content_type=content_type)
     raise InvalidResponse(f"the samples query to {url} did not return a range vector (matrix)")
 
 
 def _coverage(result: Any, at: float, range_seconds: float) -> Coverage:
     if not isinstance(result, list):
-        raise InvalidResponse(f"malformed matrix result: {json.dumps(result)[:200]}")
+        raise InvalidResponse("malformed matrix result: not a list")
     firsts, lasts, intervals = [], [], []
     for series in result:
         times = _times(series)
@@ -139,7 +146,7 @@ def _coverage(result: Any, at: float, range_seconds: float) -> Coverage:
 def _times(series: Any) -> list[float]:
     values = series.get("values") if isinstance(series, Mapping) else None
     if not isinstance(values, list):
-        raise InvalidResponse(f"malformed series: {json.dumps(series)[:200]}")
+        raise InvalidResponse("malformed series: no list of values")
     times = []
     for pair in values:
         moment = pair[0] if isinstance(pair, list) and len(pair) == 2 else None
@@ -148,7 +155,7 @@ def _times(series: Any) -> list[float]:
             or isinstance(moment, bool)
             or not math.isfinite(moment)
         ):
-            raise InvalidResponse(f"malformed sample: {json.dumps(pair)[:200]}")
+            raise InvalidResponse("malformed sample: no [time, value] pair with a finite time")
         times.append(float(moment))
     return sorted(times)
 

@@ -89,10 +89,15 @@ class Histogram:
 
 
 def parse_histogram_response(
-    http_status: int, body: bytes | str, what: str, url: str = "Prometheus"
+    http_status: int,
+    body: bytes | str,
+    what: str,
+    url: str = "Prometheus",
+    *,
+    content_type: str = "",
 ) -> Histogram:
     """One histogram out of a `sum by (le)` answer; series whose `le` spell the same bound merge."""
-    samples = parse_vector_response(http_status, body, url)
+    samples = parse_vector_response(http_status, body, url, content_type=content_type)
     if isinstance(samples, Scalar):
         raise QueryFailed(f"the {what} query returned a scalar; it must return one series per le")
     if not samples:
@@ -109,7 +114,8 @@ def parse_histogram_response(
         except (TypeError, ValueError):
             raise InvalidResponse(
                 f"the {what} histogram has a series without a numeric le label or value "
-                f"(le={le!r}, value={raw!r}); group it by le only: sum by (le) (...)"
+                f"(le={str(le)[:40]!r}, value={str(raw)[:40]!r}); group it by le only: "
+                "sum by (le) (...)"
             ) from None
         if math.isnan(bound) or math.isnan(value) or math.isinf(value) or value < 0:
             raise InvalidValue(f"the {what} histogram has le={le} with value {raw}")

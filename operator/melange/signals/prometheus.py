@@ -12,22 +12,53 @@ import hashlib
 import os
 import ssl
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
 from melange.signals import coverage
 from melange.signals.distribution import Histogram, parse_histogram_response
 from melange.signals.distribution import queries as distribution_queries
-from melange.signals.rates import InvalidResponse, PrometheusUnavailable, parse_query_response
+from melange.signals.rates import (
+    InvalidResponse,
+    PrometheusUnavailable,
+    URLNotAllowed,
+    parse_query_response,
+)
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
 USER_AGENT = "melange-operator"
 
 
 def query_url(base_url: str) -> str:
-    """Prometheus' query endpoint under its base URL (which may carry a path prefix)."""
-    return base_url.rstrip("/") + "/api/v1/query"
+    """Prometheus' query endpoint under its base URL (which may carry a path prefix).
+
+    The base URL is parsed and the endpoint's path appended to its path, so nothing in it (a `#`,
+    a `?`) can turn the endpoint into a fragment or a parameter; a base URL with a query, a
+    fragment or user info, or not http(s) with a host, raises `URLNotAllowed`.
+    """
+    try:
+        parts = urlsplit(base_url)
+        _ = parts.port  # a port that is not a number raises ValueError
+    except ValueError as exc:
+        raise URLNotAllowed(f"{base_url!r} is not a usable URL: {exc}") from None
+    problems = [
+        problem
+        for problem, present in (
+            ("its scheme is not http or https", parts.scheme not in ("http", "https")),
+            ("it has no host", not parts.hostname),
+            ("it has user info (user@)", "@" in parts.netloc),
+            ("it has a query (?)", bool(parts.query) or "?" in base_url),
+            ("it has a fragment (#)", bool(parts.fragment) or "#" in base_url),
+        )
+        if present
+    ]
+    if problems:
+        raise URLNotAllowed(
+            f"{base_url!r} is not a Prometheus base URL: {'; '.join(problems)}; nothing was sent"
+        )
+    path = parts.path.rstrip("/") + "/api/v1/query"
+    return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 def _host(url: str) -> str:
@@ -83,10 +114,10 @@ class PrometheusClient:
         evaluated at the same instant and a range the samples do not cover raises `PartialWindow`.
         """
         if samples is None:
-            status, body, url = await self.query(
+            status, body, url, kind = await self.query(
                 base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
             )
-            return parse_query_response(status, body, url)
+            return parse_query_response(status, body, url, content_type=kind)
         at = time.time()
         answers = await asyncio.gather(
             *(
@@ -100,14 +131,19 @@ class PrometheusClient:
         rate_answer, samples_answer = answers
         if isinstance(rate_answer, BaseException):  # the rate's own failure first
             raise rate_answer
-        status, body, url = rate_answer
-        rate = parse_query_response(status, body, url)
+        status, body, url, kind = rate_answer
+        rate = parse_query_response(status, body, url, content_type=kind)
         if isinstance(samples_answer, BaseException):
             raise samples_answer
-        samples_status, samples_body, _ = samples_answer
+        samples_status, samples_body, _, samples_kind = samples_answer
         coverage.check(
             coverage.parse_samples_response(
-                samples_status, samples_body, at=at, range_seconds=samples[1], url=url
+                samples_status,
+                samples_body,
+                at=at,
+                range_seconds=samples[1],
+                url=url,
+                content_type=samples_kind,
             )
         )
         return rate
@@ -125,10 +161,10 @@ class PrometheusClient:
         """vLLM's prompt- and generation-token histograms' increase over the window, together."""
 
         async def histogram(query: str, what: str) -> Histogram:
-            status, body, url = await self.query(
+            status, body, url, kind = await self.query(
                 base_url, query, bearer_token=bearer_token, ca_pem=ca_pem, timeout=timeout
             )
-            return parse_histogram_response(status, body, what, url)
+            return parse_histogram_response(status, body, what, url, content_type=kind)
 
         prompt_query, generation_query = distribution_queries(model_name, window_seconds)
         answers = await asyncio.gather(
@@ -153,8 +189,9 @@ class PrometheusClient:
         ca_pem: str | None = None,
         timeout: float = 10.0,
         at: float | None = None,
-    ) -> tuple[int, bytes, str]:
-        """An instant query's HTTP status, body and URL; transport failures as `RateError`s.
+    ) -> tuple[int, bytes, str, str]:
+        """An instant query's HTTP status, body, URL and content type; transport failures (and a
+        base URL that is not one, `query_url`) as `RateError`s.
 
         `at`: the evaluation time (Unix seconds); Prometheus' own clock when None.
         """
@@ -186,6 +223,7 @@ class PrometheusClient:
                             f"the answer from {url} is larger than {MAX_RESPONSE_BYTES} bytes"
                         )
                 status = response.status
+                content_type = response.headers.get("Content-Type", "")
         except TimeoutError:
             raise PrometheusUnavailable(
                 f"no answer from {url} within {timeout:g} s (timed out)"
@@ -204,4 +242,4 @@ class PrometheusClient:
             raise PrometheusUnavailable(
                 f"request to {url} failed: {type(exc).__name__}: {exc}"
             ) from None
-        return status, bytes(body), url
+        return status, bytes(body), url, content_type

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from melange.api import MAX_RATE
+
 DEFAULT_RANGE_SECONDS = 120
 MAX_HISTORY = 1024  # the CRD's maxItems for status.rateHistory
 # vLLM names its metrics `vllm:...`; a Prometheus that scrapes OpenMetrics from an older client
@@ -75,9 +77,16 @@ class InvalidResponse(RateError):
 
 
 class CredentialsUnavailable(RateError):
-    """The bearer-token Secret or the CA ConfigMap named in the spec cannot be read."""
+    """The bearer-token Secret or the CA ConfigMap named in the spec cannot be read, or its owner
+    has not let rate sources use it."""
 
     reason = "CredentialsUnavailable"
+
+
+class URLNotAllowed(RateError):
+    """The operator does not query this URL (or does not send this allocation's token to it)."""
+
+    reason = "URLNotAllowed"
 
 
 # -- the default query --------------------------------------------------------------------------
@@ -106,18 +115,26 @@ _UNAVAILABLE_ERROR_TYPES = {"timeout", "canceled", "unavailable"}
 
 
 def _snippet(text: str, limit: int = 200) -> str:
-    flat = " ".join(text.split())
+    """One line of at most `limit` printable characters. Only for Prometheus' own structured
+    fields (`errorType`, `error`, labels): the body of an answer never goes into a message."""
+    flat = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _described(http_status: int, content_type: str, size: int) -> str:
+    """What is told of an answer that is not Prometheus' JSON: nothing of its body."""
+    kind = _snippet(content_type.split(";", maxsplit=1)[0], 60) or "no content type"
+    return f"HTTP {http_status}, {kind}, {size} bytes"
 
 
 def _as_rate(raw: Any, what: str) -> float:
     """A sample value as Prometheus sends it (a string such as "1.5", "NaN", "+Inf")."""
     if not isinstance(raw, str | int | float) or isinstance(raw, bool):
-        raise InvalidResponse(f"{what} is not a number: {_snippet(json.dumps(raw))}")
+        raise InvalidResponse(f"{what} is not a number (a JSON {type(raw).__name__})")
     try:
         value = float(raw)
     except ValueError:
-        raise InvalidResponse(f"{what} is not a number: {_snippet(str(raw))}") from None
+        raise InvalidResponse(f"{what} is not a number") from None
     if math.isnan(value):
         raise InvalidValue(f"{what} is NaN (a division by zero?), not a rate")
     if math.isinf(value):
@@ -130,7 +147,7 @@ def _as_rate(raw: Any, what: str) -> float:
 def _labels(metric: Any) -> str:
     if not isinstance(metric, Mapping) or not metric:
         return "{}"
-    return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(metric.items())) + "}"
+    return _snippet("{" + ", ".join(f'{k}="{v}"' for k, v in sorted(metric.items())) + "}", 120)
 
 
 @dataclass(frozen=True)
@@ -141,10 +158,13 @@ class Scalar:
 
 
 def parse_vector_response(
-    http_status: int, body: bytes | str, url: str = "Prometheus"
+    http_status: int, body: bytes | str, url: str = "Prometheus", *, content_type: str = ""
 ) -> list[tuple[Mapping[str, Any], Any]] | Scalar:
     """The samples of an `/api/v1/query` answer: `(labels, raw value)` per series of an instant
     vector, or a `Scalar`; else a `RateError` naming what was wrong.
+
+    A message quotes Prometheus' own `errorType` and `error` fields only, never the body of an
+    answer: the url may point at something that is not Prometheus.
     """
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     try:
@@ -152,20 +172,19 @@ def parse_vector_response(
     except ValueError:
         document = None
     if not isinstance(document, Mapping) or document.get("status") not in {"success", "error"}:
+        answer = f"the answer from {url} is not Prometheus API JSON"
+        what = _described(http_status, content_type, len(body))
         if http_status >= 500:
-            raise PrometheusUnavailable(f"HTTP {http_status} from {url}: {_snippet(text)}")
+            raise PrometheusUnavailable(f"{answer} ({what})")
         if http_status >= 400:
             raise QueryFailed(
-                f"HTTP {http_status} from {url} (is the url Prometheus' base URL, and are the "
-                f"credentials right?): {_snippet(text)}"
+                f"{answer} ({what}; is the url Prometheus' base URL, and are the credentials "
+                "right?)"
             )
-        raise InvalidResponse(
-            f"the answer from {url} is not Prometheus API JSON "
-            f"(HTTP {http_status}): {_snippet(text) or '(empty)'}"
-        )
+        raise InvalidResponse(f"{answer} ({what})")
     if document["status"] == "error":
-        error_type = str(document.get("errorType") or "error")
-        error = str(document.get("error") or "(no message)")
+        error_type = _snippet(str(document.get("errorType") or "error"), 40)
+        error = _snippet(str(document.get("error") or "(no message)"))
         message = f"Prometheus: {error_type}: {error} (HTTP {http_status})"
         if error_type in _UNAVAILABLE_ERROR_TYPES:
             raise PrometheusUnavailable(message)
@@ -174,39 +193,41 @@ def parse_vector_response(
         raise InvalidResponse(f"HTTP {http_status} from {url} with status success")
     data = document.get("data")
     if not isinstance(data, Mapping):
-        raise InvalidResponse(f"the answer from {url} has no data: {_snippet(text)}")
+        raise InvalidResponse(f"the answer from {url} has no data (HTTP {http_status})")
     result_type, result = data.get("resultType"), data.get("result")
     if result_type == "scalar":
         if not isinstance(result, list) or len(result) != 2:
-            raise InvalidResponse(f"malformed scalar result: {_snippet(json.dumps(result))}")
+            raise InvalidResponse(f"malformed scalar result from {url}: no [time, value] pair")
         return Scalar(result[1])
     if result_type != "vector":
         kind = {"matrix": "a range vector (matrix)", "string": "a string"}.get(
-            str(result_type), repr(result_type)
+            str(result_type), "an unknown result type"
         )
         raise QueryFailed(
             f"the query returned {kind}; it must return an instant vector (or a scalar)"
         )
     if not isinstance(result, list):
-        raise InvalidResponse(f"malformed vector result: {_snippet(json.dumps(result))}")
+        raise InvalidResponse(f"malformed vector result from {url}: not a list")
     samples = []
     for sample in result:
         value = sample.get("value") if isinstance(sample, Mapping) else None
         if not isinstance(value, list) or len(value) != 2:
-            raise InvalidResponse(f"malformed sample: {_snippet(json.dumps(sample))}")
+            raise InvalidResponse(f"malformed sample from {url}: no [time, value] pair")
         metric = sample.get("metric")
         samples.append((metric if isinstance(metric, Mapping) else {}, value[1]))
     return samples
 
 
-def parse_query_response(http_status: int, body: bytes | str, url: str = "Prometheus") -> float:
+def parse_query_response(
+    http_status: int, body: bytes | str, url: str = "Prometheus", *, content_type: str = ""
+) -> float:
     """The rate in an `/api/v1/query` answer, or a `RateError` naming what was wrong with it.
 
     Accepted: an instant vector with exactly one sample, or a scalar; the value finite and >= 0.
     """
-    samples = parse_vector_response(http_status, body, url)
+    samples = parse_vector_response(http_status, body, url, content_type=content_type)
     if isinstance(samples, Scalar):
-        return _as_rate(samples.value, "the query's value")
+        return _bounded(_as_rate(samples.value, "the query's value"))
     if not samples:
         raise NoData(
             "the query returned no series, so the rate is unknown (is the model serving, and is "
@@ -219,7 +240,17 @@ def parse_query_response(http_status: int, body: bytes | str, url: str = "Promet
             f"the query returned {len(samples)} series ({shown}{more}); it must return one: "
             "aggregate it, e.g. sum(...)"
         )
-    return _as_rate(samples[0][1], "the query's value")
+    return _bounded(_as_rate(samples[0][1], "the query's value"))
+
+
+def _bounded(rate: float) -> float:
+    """A rate an allocation can be planned for: at most `MAX_RATE`, as `workload.totalRate`."""
+    if rate > MAX_RATE:
+        raise InvalidValue(
+            f"the query's value is {rate:g} req/s, more than the {MAX_RATE:g} an allocation "
+            "can be planned for (is it a rate in requests per second?)"
+        )
+    return rate
 
 
 # -- the decision -------------------------------------------------------------------------------

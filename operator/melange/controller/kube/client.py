@@ -55,6 +55,9 @@ CONFLICT_RETRIES = 6
 # Between attempts after a conflict, a random pause of up to 50 ms, doubling each time (at most
 # 1.55 s in all), so that a writer as fast as the operator does not win every race.
 CONFLICT_BACKOFF_SECONDS = 0.05
+# A Secret or ConfigMap that rate sources may use carries this label with the value "true", put
+# there by whoever owns it: writing an allocation that names it is not enough.
+CREDENTIALS_LABEL = "melange.dev/rate-source-credentials"
 
 
 @dataclass(frozen=True)
@@ -475,15 +478,22 @@ class KubeClient:
 
     def _read_key(self, kind: str, namespace: str, ref: api.SecretKeyRef) -> str:
         where = f"{kind} {namespace}/{ref.name}"
-        data: Mapping[str, Any]
+        read: k8s.V1Secret | k8s.V1ConfigMap
         try:
             if kind == "Secret":
-                data = self._core.read_namespaced_secret(ref.name, namespace).data or {}
+                read = self._core.read_namespaced_secret(ref.name, namespace)
             else:
-                data = self._core.read_namespaced_config_map(ref.name, namespace).data or {}
+                read = self._core.read_namespaced_config_map(ref.name, namespace)
         except ApiException as exc:
             reason = {404: "not found", 403: "forbidden (RBAC)"}.get(exc.status or 0, exc.reason)
             raise CredentialsUnavailable(f"{where}: {reason}") from None
+        labels = (read.metadata.labels if read.metadata is not None else None) or {}
+        if labels.get(CREDENTIALS_LABEL) != "true":
+            raise CredentialsUnavailable(
+                f"{where} is not labelled {CREDENTIALS_LABEL}=true, so its owner has not let rate "
+                "sources use it; nothing was sent"
+            )
+        data: Mapping[str, Any] = read.data or {}
         if ref.key not in data:
             raise CredentialsUnavailable(f"{where} has no key {ref.key!r}")
         value = data[ref.key]
@@ -498,7 +508,8 @@ class KubeClient:
     def credentials(
         self, namespace: str, source: api.PrometheusSource
     ) -> tuple[str | None, str | None]:
-        """The bearer token and the CA bundle the spec names."""
+        """The bearer token and the CA bundle the spec names, from a Secret and a ConfigMap
+        labelled `CREDENTIALS_LABEL=true`."""
         token = ca = None
         if source.bearer_token_secret_ref is not None:
             token = self._read_key("Secret", namespace, source.bearer_token_secret_ref)

@@ -265,7 +265,7 @@ def load_user_profiles(directory: Path) -> UserProfiles:
     for path in sorted(directory.glob("*.yaml")):
         try:
             document = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
             problems.append(f"{path}: cannot read: {exc}")
             continue
         errors = check_profile(document)
@@ -299,6 +299,8 @@ def import_profile(source: str, text: str, directory: Path, *, force: bool = Fal
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise ProfileError([f"{source}: not valid YAML: {exc}"]) from None
+    except RecursionError:
+        raise ProfileError([f"{source}: nested too deeply to be a profile"]) from None
     if len(documents) != 1:
         raise ProfileError([f"{source}: must hold exactly one document, got {len(documents)}"])
     document = documents[0]
