@@ -1,6 +1,7 @@
 """What an allocation's author can make the operator do with a rate source: the real API server, the
 operator as a process, a real Prometheus, and a recording HTTP listener on loopback standing for a
-server the author controls or a page inside the cluster.
+server the author controls or a page inside the cluster. The author is a tenant: a ServiceAccount
+whose Role allows it only to manage MelangeAllocations in its namespace, not to read its Secrets.
 
 - A Secret is sent only when its owner labelled it for rate sources, and only to a URL the
   operator's administrator allows (by default, with a token, only to in-cluster Services).
@@ -34,6 +35,7 @@ from .test_rates import CREDENTIALS, INTERVAL, rate_manifest, wait_observed
 pytestmark = pytest.mark.e2e
 
 MARKER = "internal-only-" + uuid.uuid4().hex
+TENANT = "tenant"
 
 
 class Listener:
@@ -93,6 +95,63 @@ def listener() -> Iterator[Listener]:
         server.stop()
 
 
+def tenant_role(namespace: str) -> dict[str, Any]:
+    """All a tenant may do: manage MelangeAllocations in its own namespace (no Secrets, no
+    status subresource, nothing else)."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": TENANT, "namespace": namespace},
+        "rules": [
+            {
+                "apiGroups": ["melange.dev"],
+                "resources": ["melangeallocations"],
+                "verbs": ["get", "list", "watch", "create", "update", "patch", "delete"],
+            }
+        ],
+    }
+
+
+@pytest.fixture
+def tenant(control_plane: ControlPlane, kube: Kube, namespace: str) -> Kube:
+    """A client for the ServiceAccount `tenant` in the test namespace, bound to `tenant_role`."""
+    kubeconfig = control_plane.service_account_kubeconfig(namespace, TENANT)
+    kube.apply(tenant_role(namespace), namespace)
+    kube.apply(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {"name": TENANT, "namespace": namespace},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": TENANT},
+            "subjects": [{"kind": "ServiceAccount", "name": TENANT, "namespace": namespace}],
+        },
+        namespace,
+    )
+    return Kube(kubeconfig)
+
+
+def can_i(
+    kube: Kube, verb: str, resource: str, namespace: str, group: str = "", name: str = ""
+) -> bool:
+    """`kubectl auth can-i VERB RESOURCE[/NAME] -n NAMESPACE`, asked by `kube`'s own identity
+    (a SelfSubjectAccessReview)."""
+    review = client.AuthorizationV1Api(kube.api_client).create_self_subject_access_review(
+        client.V1SelfSubjectAccessReview(
+            spec=client.V1SelfSubjectAccessReviewSpec(
+                resource_attributes=client.V1ResourceAttributes(
+                    verb=verb,
+                    group=group,
+                    resource=resource,
+                    name=name or None,
+                    namespace=namespace,
+                )
+            )
+        )
+    )
+    assert review.status is not None
+    return bool(review.status.allowed)
+
+
 def start_operator(
     control_plane: ControlPlane, namespace: str, tmp_path: Path, identity: str, *allowed: str
 ) -> OperatorProcess:
@@ -132,6 +191,7 @@ def test_a_secret_goes_only_where_its_owner_and_the_administrator_allow(
     control_plane: ControlPlane,
     kube: Kube,
     namespace: str,
+    tenant: Kube,
     listener: Listener,
     prometheus: PrometheusServer,
     tmp_path: Path,
@@ -140,7 +200,16 @@ def test_a_secret_goes_only_where_its_owner_and_the_administrator_allow(
     core = client.CoreV1Api(kube.api_client)
     core.create_namespaced_secret(namespace, secret("db-password", password))
     make_pools(kube, namespace, replicas=0)
-    kube.create(with_token(listener.url, "db-password"), namespace)
+
+    # The tenant cannot read the Secret itself, but can write allocations.
+    assert not can_i(tenant, "get", "secrets", namespace, name="db-password")
+    assert can_i(tenant, "create", "melangeallocations", namespace, group="melange.dev")
+    with pytest.raises(client.exceptions.ApiException) as refused:
+        client.CoreV1Api(tenant.api_client).read_namespaced_secret("db-password", namespace)
+    assert refused.value.status == 403
+
+    # The tenant asks the operator to send the Secret, as a bearer token, to its own server.
+    tenant.create(with_token(listener.url, "db-password"), namespace)
 
     # The default: a token goes to an in-cluster Service only; the listener hears nothing.
     operator = start_operator(control_plane, namespace, tmp_path, "default")
@@ -170,7 +239,7 @@ def test_a_secret_goes_only_where_its_owner_and_the_administrator_allow(
 
         # Any other URL is refused once there is an allow-list, with or without a token.
         other = prometheus.url.replace("127.0.0.1", "localhost")
-        kube.merge_patch(
+        tenant.merge_patch(
             Kinds.allocation,
             "chat",
             namespace,
@@ -185,7 +254,7 @@ def test_a_secret_goes_only_where_its_owner_and_the_administrator_allow(
         core.patch_namespaced_secret(
             "db-password", namespace, {"metadata": {"labels": {CREDENTIALS: "true"}}}
         )
-        kube.merge_patch(
+        tenant.merge_patch(
             Kinds.allocation,
             "chat",
             namespace,
