@@ -95,7 +95,7 @@ def profile(url: str, output: Path, *extra: str) -> subprocess.CompletedProcess[
         f"--output-edges={OUTPUT_EDGES}",
         "--step-seconds=0.5",
         "--refine=4",
-        f"--output={output}",
+        f"--output-file={output}",
         *extra,
     ]
     return subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
@@ -220,7 +220,7 @@ def test_unknown_model(simulator: Simulator, tmp_path: Path) -> None:
             "--tpot-slo=0.01",
             "--input-edges=1,16",
             "--output-edges=4,16",
-            f"--output={tmp_path / 'profile.yaml'}",
+            f"--output-file={tmp_path / 'profile.yaml'}",
         ],
         capture_output=True,
         text=True,

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner, Result
@@ -478,3 +479,327 @@ def test_a_huge_float_is_echoed_in_its_exponent_form() -> None:
     result = run("solve", "-", stdin=spec)
     assert result.returncode == 2, result.stderr
     assert result.stderr == "error: spec.gpus[0].costPerHour: must be <= 1000000000, got 1e+308\n"
+
+
+# -- one meaning for -o, --version, shell completion --------------------------------------------
+
+
+def leaf_commands() -> dict[str, click.Command]:
+    """Every command a user can run, by its words after `melange` (`profiles list`)."""
+    from melange.cli import main
+
+    ctx = click.Context(main)
+    found: dict[str, click.Command] = {}
+    for name in main.list_commands(ctx):
+        command = main.get_command(ctx, name)
+        assert command is not None
+        if isinstance(command, click.Group):
+            for sub in command.list_commands(ctx):
+                leaf = command.get_command(ctx, sub)
+                assert leaf is not None
+                found[f"{name} {sub}"] = leaf
+        else:
+            found[name] = command
+    return found
+
+
+def test_o_is_the_output_format_wherever_it_is_an_option() -> None:
+    formats = {"table", "json", "yaml"}
+    with_o = {}
+    for words, command in leaf_commands().items():
+        for param in command.params:
+            if "-o" in param.opts:
+                assert param.opts == ["-o", "--output"], words
+                assert isinstance(param.type, click.Choice), words
+                assert set(param.type.choices) <= formats, words
+                with_o[words] = param.default
+    assert {
+        "solve",
+        "workload",
+        "profiles list",
+        "profiles show",
+        "profiles estimate",
+        "profiles compare",
+    } <= set(with_o)
+    assert "profile" not in with_o  # it writes a file (--output-file) and prints progress only
+
+
+def _workload_log(tmp_path: Path) -> Path:
+    log = tmp_path / "requests.jsonl"
+    log.write_text(
+        "".join(
+            json.dumps({"timestamp": i, "input_tokens": 10 + i, "output_tokens": 5 + i}) + "\n"
+            for i in range(20)
+        )
+    )
+    return log
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["solve", str(EXAMPLES / "mixed.yaml")],
+        ["workload", "LOG", "--input-edges", "1,20,40", "--output-edges", "1,20,40"],
+        ["profiles", "list"],
+        ["profiles", "show", "llama-3.1-8b/l4/tpot-120ms"],
+        ["profiles", "estimate", "--gpu", "L4", "--tpot-ms", "120"],
+        ["profiles", "compare", "llama-3.1-8b/l4/tpot-120ms", "llama-3.1-8b/a10g/tpot-120ms"],
+    ],
+    ids=lambda args: " ".join(a for a in args[:2] if not a.startswith("/") and a != "LOG"),
+)
+def test_every_command_that_prints_data_prints_json_and_yaml_with_o(
+    tmp_path: Path, args: list[str]
+) -> None:
+    args = [str(_workload_log(tmp_path)) if a == "LOG" else a for a in args]
+    as_json = run(*args, "-o", "json")
+    assert as_json.returncode == 0, as_json.stderr
+    document = json.loads(as_json.stdout)
+    as_yaml = run(*args, "-o", "yaml")
+    assert as_yaml.returncode == 0, as_yaml.stderr
+    parsed = yaml.safe_load(as_yaml.stdout)
+    assert type(parsed) is type(document)
+    if args[0] != "solve":  # solveSeconds differs between two runs
+        assert parsed == document
+
+
+def test_profiles_list_o_json_holds_the_table_rows_and_the_profiles_not_shipped() -> None:
+    table = run("profiles", "list")
+    listing = json.loads(run("profiles", "list", "-o", "json").stdout)
+    names = [p["profile"] for p in listing["profiles"]]
+    assert names == sorted(names)
+    rows = [line.split()[0] for line in table.stdout.split("\n\n")[0].splitlines()[1:]]
+    assert rows == names
+    l4 = next(p for p in listing["profiles"] if p["profile"] == "llama-3.1-8b/l4/tpot-120ms")
+    assert l4 == {
+        "profile": "llama-3.1-8b/l4/tpot-120ms",
+        "gpu": "L4",
+        "model": "llama-3.1-8b",
+        "tpotSeconds": 0.12,
+        "costPerHour": 0.7,
+        "source": "estimate",
+        "path": None,
+    }
+    for withheld in listing["notShipped"]:
+        assert withheld["profile"] not in names
+        assert f"{withheld['profile']} is not shipped: {withheld['reason']}" in table.stdout
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def profile_args(url: str) -> list[str]:
+    return [
+        "profile",
+        url,
+        "--model=m",
+        "--gpu=L4",
+        "--cost-per-hour=1",
+        "--tpot-slo=0.1",
+        "--input-edges=1,16",
+        "--output-edges=4,16",
+    ]
+
+
+def test_profile_writes_the_file_given_with_output_file(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{closed_port()}"
+    refused = f"error: cannot connect to {url}/v1/models: Connection refused"
+    for option in ("-f", "--output-file"):
+        result = run(*profile_args(url), option, str(tmp_path / "p.yaml"))
+        assert (result.returncode, result.stderr.splitlines()) == (2, [refused])
+    # The old spelling still works, with a warning; -o is not a file anywhere.
+    old = run(*profile_args(url), "--output", str(tmp_path / "p.yaml"))
+    assert old.returncode == 2
+    assert old.stderr.splitlines() == [
+        "warning: `melange profile --output` is deprecated: use --output-file (-f); "
+        "-o is the output format in every other command",
+        refused,
+    ]
+    short = run(*profile_args(url), "-o", str(tmp_path / "p.yaml"))
+    assert short.returncode == 2
+    assert "No such option '-o'" in short.stderr
+    missing = run(*profile_args(url))
+    assert missing.returncode == 2
+    assert "Missing option '-f' / '--output-file'" in missing.stderr
+    both = run(*profile_args(url), "-f", "a.yaml", "--output", "b.yaml")
+    assert both.returncode == 2
+    assert "give --output-file (-f) only" in both.stderr
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_profile_will_not_overwrite_a_file_it_did_not_write(tmp_path: Path) -> None:
+    other = tmp_path / "notes.yaml"
+    other.write_text("mine: true\n")
+    result = run(*profile_args(f"http://127.0.0.1:{closed_port()}"), "-f", str(other))
+    assert result.returncode == 2
+    assert "choose another --output-file or pass --restart" in result.stderr
+    assert other.read_text() == "mine: true\n"
+
+
+def test_version_is_the_installed_version_and_loads_no_command() -> None:
+    from importlib.metadata import version
+
+    result = run("--version")
+    assert (result.returncode, result.stdout) == (
+        0,
+        f"melange, version {version('melange-operator')}\n",
+    )
+    modules = imported("--version")
+    assert not modules & COMMAND_MODULES
+
+
+def test_shell_completion_scripts_are_printed() -> None:
+    def source(shell: str) -> str:
+        done = subprocess.run(
+            [MELANGE],
+            env={**os.environ, "_MELANGE_COMPLETE": f"{shell}_source"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (done.returncode, done.stderr) == (0, "")
+        return done.stdout
+
+    assert "complete -o nosort -F _melange_completion melange" in source("bash")
+    assert source("zsh").startswith("#compdef melange")
+    assert "complete --no-files --command melange" in source("fish")
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("melange prof", ["profile", "profiles"]),
+        ("melange profiles list -o ", ["table", "json", "yaml"]),
+        ("melange solve x.yaml --method ", ["decomposition", "direct"]),
+        ("melange run --log-format ", ["text", "json"]),
+    ],
+)
+def test_shell_completion_completes_commands_and_choices(line: str, expected: list[str]) -> None:
+    words = line.split()
+    done = subprocess.run(
+        [MELANGE],
+        env={
+            **os.environ,
+            "_MELANGE_COMPLETE": "bash_complete",
+            "COMP_WORDS": line,
+            "COMP_CWORD": str(len(words) - (0 if line.endswith(" ") else 1)),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [f"plain,{word}" for word in expected]
+
+
+# -- melange run --log-format -------------------------------------------------------------------
+
+
+def run_in_a_pod_without_api_server(tmp_path: Path, *args: str) -> str:
+    """`melange run` as in a pod whose API server does not answer yet: it logs one warning per
+    attempt (and Kopf its own messages); stopped by SIGTERM after the first attempt. Its stderr."""
+    import time
+
+    service_account = tmp_path / "serviceaccount"
+    service_account.mkdir()
+    (service_account / "token").write_text("token")
+    (service_account / "ca.crt").write_text("unused: the connection is refused before TLS\n")
+    env = {k: v for k, v in os.environ.items() if k not in {"KUBECONFIG", "POD_NAME"}}
+    env |= {
+        "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+        "KUBERNETES_SERVICE_PORT": str(closed_port()),
+        "MELANGE_SERVICE_ACCOUNT_DIR": str(service_account),
+        "POD_NAMESPACE": "ops",
+        "HOME": str(tmp_path),
+    }
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [MELANGE, "run", "--metrics-port=0", "--no-leader-elect", *args],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "attempt 1: " not in log.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log.read_text()
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert process.returncode == 0, log.read_text()
+    return log.read_text()
+
+
+def test_run_logs_json_lines_kopf_included(tmp_path: Path) -> None:
+    import datetime as dt
+
+    stderr = run_in_a_pod_without_api_server(tmp_path, "--log-format", "json")
+    lines = [json.loads(line) for line in stderr.splitlines()]  # every line is one JSON object
+    assert lines
+    for line in lines:
+        assert {"time", "level", "logger", "message"} <= set(line)
+        assert line["time"].endswith("Z")
+        dt.datetime.fromisoformat(line["time"])
+        assert line["level"] in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
+    attempts = [line for line in lines if line["logger"] == "melange.startup"]
+    assert attempts[0]["level"] == "WARNING"
+    assert attempts[0]["message"].startswith("attempt 1: cannot reach the API server https://")
+    # Kopf's own messages too (its stop on SIGTERM), once each: nothing left in plain text.
+    kopf = [line for line in lines if line["logger"].startswith("kopf")]
+    assert any("SIGTERM" in line["message"] for line in kopf)
+    assert len({json.dumps(line) for line in lines}) == len(lines)
+
+
+def test_run_logs_text_by_default(tmp_path: Path) -> None:
+    stderr = run_in_a_pod_without_api_server(tmp_path)
+    first = stderr.splitlines()[0]
+    assert first.startswith("attempt 1: cannot reach the API server https://")
+    assert not first.startswith("{")
+
+
+JSON_LOGGING = """
+import logging, sys
+import kopf
+from melange.cli.logs import configure_json_logging
+
+configure_json_logging()
+kopf.configure(verbose=False, log_format=kopf.LogFormat.PLAIN)  # as `melange run` starts Kopf
+try:
+    1 / 0
+except ZeroDivisionError:
+    logging.getLogger("melange.controller").exception("reconcile of %s failed", "ns/chat")
+logging.getLogger("kopf.objects").info(
+    "Handler done.", extra={"k8s_ref": {"kind": "MelangeAllocation", "namespace": "ns",
+                                        "name": "chat", "uid": None}}
+)
+logging.getLogger("melange.controller").debug("not shown without --verbose")
+"""
+
+
+def test_json_log_lines_carry_the_exception_and_the_object() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", JSON_LOGGING],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    failed, handled = (json.loads(line) for line in done.stderr.splitlines())
+    assert failed["level"] == "ERROR"
+    assert failed["logger"] == "melange.controller"
+    assert failed["message"] == "reconcile of ns/chat failed"
+    assert failed["exception"].startswith("Traceback (most recent call last):")
+    assert failed["exception"].endswith("ZeroDivisionError: division by zero")
+    assert handled["logger"] == "kopf.objects"
+    assert handled["message"] == "Handler done."
+    assert handled["object"] == {"kind": "MelangeAllocation", "namespace": "ns", "name": "chat"}
+    assert "exception" not in handled

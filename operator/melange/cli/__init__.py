@@ -24,6 +24,8 @@ from typing import Any, NoReturn
 
 import click
 
+from melange.cli.version import version_option
+
 EXIT_INTERNAL = 5  # an exception no input should cause: a bug, reported in two lines
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports a command ended by SIGINT
 EXIT_BROKEN_PIPE = 141  # the output was closed early, as a shell reports SIGPIPE
@@ -55,6 +57,11 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "melange.cli.run",
         "run",
         "Run the operator: reconcile MelangeAllocations and scale their node pools.",
+    ),
+    "simulate": LazyCommand(
+        "melange.cli.simulate",
+        "simulate_command",
+        "Simulate the plan for the allocation in FILE ('-' reads stdin) request by request.",
     ),
     "solve": LazyCommand(
         "melange.cli.solve",
@@ -187,7 +194,7 @@ def _discard_stdout() -> None:
     show_envvar=True,
     help="On an internal error (exit 5), print the traceback too.",
 )
-@click.version_option(package_name="melange-operator", prog_name="melange")
+@version_option
 def main(debug: bool) -> None:
     """Keep LLM serving on the cheapest mix of GPU types that meets the latency SLO.
 

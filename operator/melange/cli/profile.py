@@ -72,7 +72,7 @@ def _load_state(
         fail(
             [
                 f"{path} exists and was not written by `melange profile`; "
-                "choose another --output or pass --restart to overwrite it"
+                "choose another --output-file or pass --restart to overwrite it"
             ],
             EXIT_INVALID,
         )
@@ -82,7 +82,7 @@ def _load_state(
             [
                 f"{path} holds a measurement under other conditions, so it cannot be resumed:",
                 *(f"  {m}" for m in mismatches),
-                "pass --restart to measure again from scratch (or choose another --output)",
+                "pass --restart to measure again from scratch (or choose another --output-file)",
             ],
             EXIT_INVALID,
         )
@@ -160,7 +160,7 @@ async def _measure(
         except endpoint.EndpointError as exc:
             fail([str(exc)], EXIT_INVALID)
         measurement.set_conditions(document, exactOutputLength=client.features.exact_length)
-        _save_partial(output, document)  # an unwritable --output fails now, not after a bucket
+        _save_partial(output, document)  # an unwritable --output-file fails now, not after a bucket
         total = sum(len(row) for row in document["throughput"])
         with _progress(total, total - len(todo)) as progress:
             run.on_step = progress.step
@@ -186,6 +186,22 @@ async def _measure(
     return None
 
 
+def _output_file(output: Path | None, deprecated: Path | None) -> Path:
+    """The profile file: --output-file, or the deprecated --output (with a warning)."""
+    if output is not None and deprecated is not None:
+        raise click.UsageError("give --output-file (-f) only; --output is its deprecated spelling")
+    if deprecated is not None:
+        click.echo(
+            "warning: `melange profile --output` is deprecated: use --output-file (-f); "
+            "-o is the output format in every other command",
+            err=True,
+        )
+        return deprecated
+    if output is None:
+        raise click.MissingParameter(param_hint="'-f' / '--output-file'", param_type="option")
+    return output
+
+
 @click.command("profile")
 @click.argument("url")
 @click.option("--model", required=True, help="The served model name, as in /v1/models.")
@@ -209,12 +225,19 @@ async def _measure(
     "--output-edges", required=True, help="Output-length bucket edges in tokens, e.g. 1,64,256."
 )
 @click.option(
-    "-o",
-    "--output",
+    "-f",
+    "--output-file",
+    "output",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="The profile file to write; while buckets are left it holds the progress, and running "
-    "the same command again resumes from it.",
+    help="The profile file to write (required); while buckets are left it holds the progress, "
+    "and running the same command again resumes from it.",
+)
+@click.option(
+    "--output",
+    "deprecated_output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    hidden=True,
+    help="Deprecated spelling of --output-file.",
 )
 @click.option(
     "--percentile",
@@ -276,7 +299,8 @@ def profile_command(
     tpot_slo: float,
     input_edges: str,
     output_edges: str,
-    output: Path,
+    output: Path | None,
+    deprecated_output: Path | None,
     percentile: float,
     step_seconds: float,
     refine: int,
@@ -299,6 +323,8 @@ def profile_command(
     stopped. Exits 0 when the profile is complete (import it with `melange profiles import`),
     2 on invalid options or a server that cannot be measured, 3 when buckets are left.
     """
+    output = _output_file(output, deprecated_output)
+
     import asyncio
 
     from melange.tools import (

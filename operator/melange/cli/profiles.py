@@ -46,11 +46,42 @@ _DIR = click.option(
 )
 
 
+_TABLE_FORMAT = click.option(
+    "-o",
+    "--output",
+    type=click.Choice(["table", "json", "yaml"]),
+    default="table",
+    show_default=True,
+)
+
+
 @profiles_group.command("list")
+@_TABLE_FORMAT
 @_DIR
-def profiles_list(user_dir: Path | None) -> None:
+def profiles_list(output: str, user_dir: Path | None) -> None:
     """List the shipped profiles and the imported (measured) ones, then any profile the library
     leaves out because the model says it serves no bucket, with why."""
+    listed = profiles.list_profiles(user_profiles_dir(user_dir))
+    names = {p.name for p in listed}
+    withheld = {n: why for n, why in profiles.withheld_profiles().items() if n not in names}
+    if output != "table":
+        document = {
+            "profiles": [
+                {
+                    "profile": p.name,
+                    "gpu": p.gpu,
+                    "model": p.model,
+                    "tpotSeconds": p.tpot_seconds,
+                    "costPerHour": p.cost_per_hour,
+                    "source": p.source,
+                    "path": p.path,
+                }
+                for p in listed
+            ],
+            "notShipped": [{"profile": n, "reason": why} for n, why in withheld.items()],
+        }
+        click.echo(dump(document, output), nl=False)
+        return
     rows = [
         [
             p.name,
@@ -60,13 +91,11 @@ def profiles_list(user_dir: Path | None) -> None:
             f"{p.cost_per_hour:.2f}",
             p.source,
         ]
-        for p in profiles.list_profiles(user_profiles_dir(user_dir))
+        for p in listed
     ]
     header = ["PROFILE", "GPU", "MODEL", "TPOT SLO", "COST/H", "SOURCE"]
     for line in report.format_table(header, rows):
         click.echo(line)
-    listed = {row[0] for row in rows}
-    withheld = {n: why for n, why in profiles.withheld_profiles().items() if n not in listed}
     if withheld:
         click.echo("")
     for name, why in withheld.items():
@@ -192,13 +221,7 @@ def profiles_import(file: str, user_dir: Path | None, force: bool) -> None:
 
 @profiles_group.command("compare")
 @click.argument("names", nargs=-1, required=True)
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json", "yaml"]),
-    default="table",
-    show_default=True,
-)
+@_TABLE_FORMAT
 @_DIR
 def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None) -> None:
     """Cost per million requests of each bucket on each profile, and the cheapest per bucket.

@@ -82,6 +82,14 @@ from melange.cli.util import fail, require_finite
 )
 @click.option("--metrics-address", default="0.0.0.0", show_default=True, help="Address to bind.")
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="text: one message per line; json: one JSON object per line (time, level, logger, "
+    "message, exception), Kopf's own messages included.",
+)
 def run(
     namespaces: tuple[str, ...],
     leader_elect: bool,
@@ -96,6 +104,7 @@ def run(
     metrics_port: int,
     metrics_address: str,
     verbose: bool,
+    log_format: str,
 ) -> None:
     """Run the operator: reconcile MelangeAllocations and scale their node pools.
 
@@ -116,6 +125,11 @@ def run(
     )
     from melange.controller.settings import RunSettings, Settings
     from melange.controller.urls import parse_prefix
+
+    if log_format == "json":
+        from melange.cli.logs import configure_json_logging
+
+        configure_json_logging()
 
     require_finite({"--resync-seconds": resync_seconds})  # NaN passes FloatRange
     bad = [name for name in cluster_scoped if "." not in name.strip(".")]
