@@ -33,7 +33,12 @@ class Release:
     """`helm install|upgrade|uninstall` of the chart as `name` in `namespace`."""
 
     def __init__(
-        self, control_plane: ControlPlane, name: str, namespace: str, workdir: Path
+        self,
+        control_plane: ControlPlane,
+        name: str,
+        namespace: str,
+        workdir: Path,
+        owns_crd: bool = False,
     ) -> None:
         self.control_plane = control_plane
         self.name = name
@@ -41,6 +46,9 @@ class Release:
         self.workdir = workdir
         self.fullname = f"{name}-melange-operator"
         self.installed = False
+        # The session's control plane has the CRD already (tests/conftest.py applies it), and only
+        # one release can own it: other releases install with crds.install false.
+        self.owns_crd = owns_crd
 
     def _helm(self, *args: str, values: Mapping[str, Any] | None = None) -> str:
         return helm(
@@ -51,14 +59,27 @@ class Release:
             env=self.control_plane.env(),
         )
 
-    def install(self, values: Mapping[str, Any] | None = None) -> str:
+    def _helm_values(self, *args: str, values: Mapping[str, Any] | None) -> str:
+        """install or upgrade: the values, after crds.install false unless this release owns
+        the CRD (a later --values file wins)."""
+        base = None if self.owns_crd else {"crds": {"install": False}}
+        return helm(
+            *args,
+            "--namespace",
+            self.namespace,
+            *values_args(base, self.workdir),
+            *values_args(values, self.workdir),
+            env=self.control_plane.env(),
+        )
+
+    def install(self, values: Mapping[str, Any] | None = None, chart: Path = CHART) -> str:
         # No --wait: without a kubelet the operator's pod never becomes ready.
-        out = self._helm("install", self.name, str(CHART), values=values)
+        out = self._helm_values("install", self.name, str(chart), values=values)
         self.installed = True
         return out
 
-    def upgrade(self, values: Mapping[str, Any] | None = None) -> str:
-        return self._helm("upgrade", self.name, str(CHART), values=values)
+    def upgrade(self, values: Mapping[str, Any] | None = None, chart: Path = CHART) -> str:
+        return self._helm_values("upgrade", self.name, str(chart), values=values)
 
     def uninstall(self) -> str:
         out = self._helm("uninstall", self.name)

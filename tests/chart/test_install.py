@@ -3,24 +3,28 @@ exactly the permissions the chart grants (its ServiceAccount's token, out of clu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError
 
 from melange import api
 from melange.plan import solver
 from tests.controlplane.harness import ControlPlane
-from tests.e2e.kube import Kinds, Kube, eventually
+from tests.e2e.kube import CRD_FILE, Kinds, Kube, eventually
 from tests.e2e.test_operator import SPEC as E2E_SPEC
 
 from .expected import DEFAULT_RULES, leader_args, lease_rules
+from .helm import CHART, HelmError
 from .release import OperatorRun, Release
 
 pytestmark = pytest.mark.e2e
@@ -90,6 +94,8 @@ def test_install_upgrade_uninstall(kube: Kube, release: Release, namespace: str)
     assert "kubectl apply -n serving -f examples/pools/mixed.yaml -f examples/mixed.yaml" in out
     name, ns = release.fullname, release.namespace
     assert f"electing a leader with the Lease {ns}/{name}" in out
+    # The session's CRD is not this release's (tests/chart/release.py): the notes say so.
+    assert "crds.install is false: install and upgrade the CRD" in out
 
     deployment = kube.get(DEPLOYMENT, name, ns)
     assert deployment["spec"]["replicas"] == 2
@@ -423,3 +429,84 @@ def test_namespaced_operator_resizes_a_listed_cluster_scoped_pool(
 
 def _superset(seen: set[str], expected: set[str]) -> None:
     assert seen >= expected
+
+
+CRD_NAME = "melangeallocations.melange.dev"
+
+
+def test_release_takes_over_upgrades_and_keeps_the_crd(
+    control_plane: ControlPlane, kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    """The CRD upgrade path (docs/helm.md#crd-upgrades): a CRD installed before the chart rendered
+    it (from crds/, or with kubectl) is adopted by labelling and annotating it, then each
+    `helm upgrade` applies the chart's CRD, and uninstalling keeps it with the allocations."""
+    suffix = uuid.uuid4().hex[:8]
+    kube.create_namespace(f"ops-{suffix}")
+    release = Release(control_plane, f"crd-{suffix}", f"ops-{suffix}", tmp_path, owns_crd=True)
+    dynamic: Any = kube.dynamic
+    crds = kube.resource(CRD)
+    try:
+        # The session's CRD was applied from crds/ without Helm: Helm refuses to take it silently.
+        with pytest.raises(HelmError, match="invalid ownership metadata"):
+            release.install()
+        release.installed = False
+        # ... and takes it with the label and annotations docs/helm.md gives.
+        dynamic.patch(
+            crds,
+            name=CRD_NAME,
+            body={
+                "metadata": {
+                    "labels": {"app.kubernetes.io/managed-by": "Helm"},
+                    "annotations": {
+                        "meta.helm.sh/release-name": release.name,
+                        "meta.helm.sh/release-namespace": release.namespace,
+                    },
+                }
+            },
+            content_type="application/merge-patch+json",
+        )
+        out = release.install()
+        assert (
+            f"The CRD {CRD_NAME} belongs to this release: `helm upgrade` applies a new version of "
+            "it, and `helm uninstall` leaves it (helm.sh/resource-policy: keep)."
+        ) in out
+        crd = cluster_object(kube, CRD, CRD_NAME)
+        assert crd["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+        assert crd["metadata"]["labels"]["app.kubernetes.io/instance"] == release.name
+        kube.create(allocation("kept", SPEC), namespace)
+
+        # A chart whose CRD changed: the upgrade applies it.
+        newer = tmp_path / "chart"
+        shutil.copytree(CHART, newer)
+        crd_file = newer / "files" / "crds" / f"{CRD_NAME}.yaml"
+        document = yaml.safe_load(crd_file.read_text())
+        document["spec"]["names"]["shortNames"] = ["mla", "mlalloc"]
+        crd_file.write_text(yaml.safe_dump(document, sort_keys=False))
+        release.upgrade(chart=newer)
+        assert cluster_object(kube, CRD, CRD_NAME)["spec"]["names"]["shortNames"] == [
+            "mla",
+            "mlalloc",
+        ]
+        release.upgrade()
+        assert cluster_object(kube, CRD, CRD_NAME)["spec"]["names"]["shortNames"] == ["mla"]
+
+        # Another release cannot own it too: it installs with crds.install false.
+        other = Release(
+            control_plane, f"other-{suffix}", release.namespace, tmp_path, owns_crd=True
+        )
+        with pytest.raises(HelmError, match="invalid ownership metadata"):
+            other.install()
+
+        # Uninstalling keeps the CRD (helm.sh/resource-policy: keep), and so the allocations.
+        out = release.uninstall()
+        assert f"{CRD_NAME}" in out  # Helm names what it kept
+        assert cluster_object(kube, CRD, CRD_NAME)
+        assert kube.allocation("kept", namespace)["spec"]["gpus"]
+    finally:
+        if release.installed:
+            release.uninstall()
+        # The session's CRD as tests/conftest.py applied it, owned by no release.
+        kube.apply_file(CRD_FILE)
+        kube.wait_established(CRD_NAME)
+        with contextlib.suppress(NotFoundError):
+            kube.delete(Kinds.allocation, "kept", namespace)

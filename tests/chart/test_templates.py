@@ -35,10 +35,26 @@ from .helm import (
 )
 
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
+EXTENSIONS = Path(__file__).parent / "data" / "values-extensions.yaml"
+CRD_NAME = "melangeallocations.melange.dev"
+VIEW, EDIT = f"{FULLNAME}-view", f"{FULLNAME}-edit"
 LEADER_ELECTION = f"{FULLNAME}-leader-election"
 CLUSTER_SCOPED = f"{FULLNAME}-cluster-scoped-targets"
 TAIL_ARGS = ["--liveness=http://0.0.0.0:8080/healthz", "--metrics-port=8000"]
 DEFAULT_ARGS = [*leader_args(FULLNAME), *TAIL_ARGS]
+# The node affinity the chart adds unless the values bring one: never on a GPU node.
+OFF_GPUS = {
+    "requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [
+            {
+                "matchExpressions": [
+                    {"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]},
+                    {"key": "cloud.google.com/gke-accelerator", "operator": "DoesNotExist"},
+                ]
+            }
+        ]
+    }
+}
 # The soft spread across nodes the chart adds unless the values bring a podAntiAffinity.
 SPREAD = {
     "preferredDuringSchedulingIgnoredDuringExecution": [
@@ -72,8 +88,18 @@ def container(manifests: list[Manifest]) -> dict[str, Any]:
         ["--set", "rbac.create=false,serviceAccount.create=false,serviceAccount.name=ops"],
         ["--set", "leaderElection.enabled=false,replicaCount=1"],
         ["--set", "clusterScopedTargets={nodepools.karpenter.sh},watchNamespaces={team-a}"],
+        ["--values", str(EXTENSIONS)],
     ],
-    ids=["defaults", "namespaced", "monitoring", "credentials", "no-rbac", "single", "karpenter"],
+    ids=[
+        "defaults",
+        "namespaced",
+        "monitoring",
+        "credentials",
+        "no-rbac",
+        "single",
+        "karpenter",
+        "extensions",
+    ],
 )
 def test_lint_strict(options: list[str]) -> None:
     out = helm("lint", "--strict", str(CHART), *options)
@@ -95,7 +121,10 @@ def test_defaults_render_a_cluster_wide_operator() -> None:
     manifests = render()
     assert kinds(manifests) == [
         "ClusterRole",
+        "ClusterRole",
+        "ClusterRole",
         "ClusterRoleBinding",
+        "CustomResourceDefinition",
         "Deployment",
         "PodDisruptionBudget",
         "Role",
@@ -103,9 +132,13 @@ def test_defaults_render_a_cluster_wide_operator() -> None:
         "Service",
         "ServiceAccount",
     ]
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
     for manifest in manifests:
-        assert manifest["metadata"]["labels"] == LABELS, manifest["kind"]
-        namespaced = manifest["kind"] not in {"ClusterRole", "ClusterRoleBinding"}
+        labels = manifest["metadata"]["labels"]
+        aggregated = {k: v for k, v in labels.items() if k.startswith("rbac.authorization.k8s.io/")}
+        assert {k: v for k, v in labels.items() if k not in aggregated} == LABELS, manifest["kind"]
+        assert bool(aggregated) == (manifest["metadata"]["name"] in {VIEW, EDIT})
+        namespaced = manifest["kind"] not in cluster_scoped
         assert manifest["metadata"].get("namespace") == (RELEASE_NAMESPACE if namespaced else None)
     assert one(manifests, "ClusterRole", FULLNAME)["rules"] == DEFAULT_RULES
     binding = one(manifests, "ClusterRoleBinding", FULLNAME)
@@ -138,7 +171,7 @@ def test_defaults_run_two_replicas_that_elect_a_leader_with_a_lease() -> None:
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
     pod = deployment["spec"]["template"]["spec"]
-    assert pod["affinity"] == {"podAntiAffinity": SPREAD}
+    assert pod["affinity"] == {"nodeAffinity": OFF_GPUS, "podAntiAffinity": SPREAD}
 
     # The Lease lives in the release namespace, where the operator's identity may take it.
     role = one(manifests, "Role", LEADER_ELECTION)
@@ -207,6 +240,11 @@ def test_anti_affinity_is_soft_by_default_and_can_be_replaced_or_dropped() -> No
         "nodeAffinity": node_affinity,
         "podAntiAffinity": SPREAD,
     }
+    pod = one(render({"affinity": {"nodeAffinity": {}}}), "Deployment")
+    assert pod["spec"]["template"]["spec"]["affinity"] == {
+        "nodeAffinity": {},
+        "podAntiAffinity": SPREAD,
+    }
     hard = {
         "requiredDuringSchedulingIgnoredDuringExecution": [
             {
@@ -216,9 +254,15 @@ def test_anti_affinity_is_soft_by_default_and_can_be_replaced_or_dropped() -> No
         ]
     }
     pod = one(render({"affinity": {"podAntiAffinity": hard}}), "Deployment")
-    assert pod["spec"]["template"]["spec"]["affinity"] == {"podAntiAffinity": hard}
-    pod = one(render({"affinity": {"podAntiAffinity": {}}}), "Deployment")
-    assert pod["spec"]["template"]["spec"]["affinity"] == {"podAntiAffinity": {}}
+    assert pod["spec"]["template"]["spec"]["affinity"] == {
+        "nodeAffinity": OFF_GPUS,
+        "podAntiAffinity": hard,
+    }
+    pod = one(render({"affinity": {"podAntiAffinity": {}, "nodeAffinity": {}}}), "Deployment")
+    assert pod["spec"]["template"]["spec"]["affinity"] == {
+        "podAntiAffinity": {},
+        "nodeAffinity": {},
+    }
 
 
 def test_deployment_runs_a_hardened_operator() -> None:
@@ -288,7 +332,7 @@ def test_every_pod_option_reaches_the_pod() -> None:
         "podLabels": {"team": "serving"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "infra", "operator": "Exists", "effect": "NoSchedule"}],
-        "affinity": {"podAntiAffinity": {}},
+        "affinity": {"podAntiAffinity": {}, "nodeAffinity": {}},
         "livenessProbe": {"periodSeconds": 30, "failureThreshold": 5},
         "resources": {"requests": {"cpu": "50m"}, "limits": {"memory": "1Gi"}},
         "serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:x"}},
@@ -336,7 +380,14 @@ def test_names_can_be_overridden() -> None:
         "app.kubernetes.io/name": "melange",
     }
     manifests = render({"fullnameOverride": "mo"})
-    assert {m["metadata"]["name"] for m in manifests} == {"mo", "mo-metrics", "mo-leader-election"}
+    assert {m["metadata"]["name"] for m in manifests} == {
+        "mo",
+        "mo-metrics",
+        "mo-leader-election",
+        "mo-view",
+        "mo-edit",
+        CRD_NAME,  # named by its group and kind, never by the release
+    }
     assert container(manifests)["args"][:2] == ["--leader-elect", "--lease-name=mo"]
 
 
@@ -345,7 +396,7 @@ def test_names_can_be_overridden() -> None:
 
 def test_watch_namespaces_get_a_role_each_and_no_cluster_role() -> None:
     manifests = render({"watchNamespaces": ["team-a", "team-b"]})
-    assert not find(manifests, "ClusterRole")
+    assert not find(manifests, "ClusterRole", FULLNAME)
     assert not find(manifests, "ClusterRoleBinding")
     # The Lease stays in the release namespace, whatever the operator watches.
     assert one(manifests, "Role", LEADER_ELECTION)["metadata"]["namespace"] == RELEASE_NAMESPACE
@@ -431,7 +482,7 @@ def test_cluster_scoped_targets_are_allowed_by_flag_and_a_cluster_role(watch: li
     # Without RBAC from the chart, the flag is still passed: the user grants the permissions.
     own = render({"clusterScopedTargets": targets, "rbac": {"create": False}})
     assert "--allow-cluster-scoped=nodepools.karpenter.sh" in container(own)["args"]
-    assert not find(own, "ClusterRole")
+    assert not find(own, "ClusterRole", CLUSTER_SCOPED)
 
 
 def test_scale_targets_grant_the_scale_subresource_or_the_object() -> None:
@@ -439,13 +490,15 @@ def test_scale_targets_grant_the_scale_subresource_or_the_object() -> None:
         {"apiGroup": "apps", "resource": "statefulsets"},  # via defaults to scale
         {"apiGroup": "karpenter.sh", "resource": "nodepools", "via": "replicasPath"},
     ]
-    rules = one(render({"rbac": {"scaleTargets": targets}}), "ClusterRole")["rules"]
+    rules = one(render({"rbac": {"scaleTargets": targets}}), "ClusterRole", FULLNAME)["rules"]
     assert rules == [
         *BASE_RULES,
         {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "verbs": ["get", "patch"]},
         {"apiGroups": ["karpenter.sh"], "resources": ["nodepools"], "verbs": ["get", "patch"]},
     ]
-    assert one(render({"rbac": {"scaleTargets": []}}), "ClusterRole")["rules"] == BASE_RULES
+    assert (
+        one(render({"rbac": {"scaleTargets": []}}), "ClusterRole", FULLNAME)["rules"] == BASE_RULES
+    )
 
 
 def test_rate_source_credentials_are_off_by_default_and_can_be_narrowed() -> None:
@@ -453,9 +506,9 @@ def test_rate_source_credentials_are_off_by_default_and_can_be_narrowed() -> Non
         for rule in manifest.get("rules", []):
             assert not {"secrets", "configmaps"} & set(rule["resources"])
 
-    rules = one(render({"rbac": {"rateSourceCredentials": {"enabled": True}}}), "ClusterRole")[
-        "rules"
-    ]
+    rules = one(
+        render({"rbac": {"rateSourceCredentials": {"enabled": True}}}), "ClusterRole", FULLNAME
+    )["rules"]
     assert rules == [
         *DEFAULT_RULES,
         {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]},
@@ -487,7 +540,16 @@ def test_rbac_and_service_account_can_be_brought_by_the_user() -> None:
     manifests = render(
         {"rbac": {"create": False}, "serviceAccount": {"create": False, "name": "x"}}
     )
-    assert kinds(manifests) == ["Deployment", "PodDisruptionBudget", "Service"]
+    # The CRD and the aggregated roles for the users of allocations are not the operator's RBAC.
+    assert kinds(manifests) == [
+        "ClusterRole",
+        "ClusterRole",
+        "CustomResourceDefinition",
+        "Deployment",
+        "PodDisruptionBudget",
+        "Service",
+    ]
+    assert {m["metadata"]["name"] for m in find(manifests, "ClusterRole")} == {VIEW, EDIT}
     assert one(manifests, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "x"
 
     with pytest.raises(HelmError, match=r"serviceAccount\.name is required"):
@@ -521,9 +583,27 @@ def test_service_monitor_only_when_enabled() -> None:
         "selector": {"matchLabels": SELECTOR},
         "namespaceSelector": {"matchNames": [RELEASE_NAMESPACE]},
         "endpoints": [
-            {"port": "metrics", "path": "/metrics", "interval": "15s", "scrapeTimeout": "10s"}
+            {
+                "port": "metrics",
+                "path": "/metrics",
+                "interval": "15s",
+                "scrapeTimeout": "10s",
+                "honorLabels": True,
+            }
         ],
     }
+    relabelings = [{"sourceLabels": ["__meta_kubernetes_pod_node_name"], "targetLabel": "node"}]
+    metric_relabelings = [{"regex": "melange_solve_duration_seconds_bucket", "action": "drop"}]
+    values["metrics"]["serviceMonitor"] |= {
+        "honorLabels": False,
+        "relabelings": relabelings,
+        "metricRelabelings": metric_relabelings,
+    }
+    monitor = one(render(values, api_versions=[SERVICE_MONITOR_API]), "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["honorLabels"] is False
+    assert endpoint["relabelings"] == relabelings
+    assert endpoint["metricRelabelings"] == metric_relabelings
 
 
 def _exported_names() -> set[str]:
@@ -549,6 +629,151 @@ def test_grafana_dashboard_shows_only_metrics_the_operator_exports() -> None:
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ["cost", "replicas per gpu type", "request rate", "re-solves"]:
         assert topic in titles
+
+
+# -- extension points ------------------------------------------------------------------------------
+
+
+def test_every_extension_value_reaches_its_object() -> None:
+    values = yaml.safe_load(EXTENSIONS.read_text())
+    manifests = render(values)
+    # additionalLabels on every object and on the pod; the selectors never change.
+    for manifest in manifests:
+        labels = manifest["metadata"]["labels"]
+        assert labels["team"] == "serving", manifest["kind"]
+        assert labels["cost-center"] == "gpu-42", manifest["kind"]
+    deployment = one(manifests, "Deployment")
+    assert deployment["spec"]["selector"] == {"matchLabels": SELECTOR}
+    template = deployment["spec"]["template"]
+    assert template["metadata"]["labels"] == {
+        **LABELS,
+        "team": "serving",
+        "cost-center": "gpu-42",
+        "tier": "control",
+    }
+    assert template["metadata"]["annotations"] == {"example.com/owner": "platform"}
+    operator = container(manifests)
+    # env after the downward-API variables the args need; extra args after the chart's own.
+    assert [e["name"] for e in operator["env"]] == ["POD_NAME", "POD_NAMESPACE"] + [
+        e["name"] for e in values["env"]
+    ]
+    assert operator["env"][2:] == values["env"]
+    assert operator["args"] == [*DEFAULT_ARGS, *values["extraArgs"]]
+    assert operator["volumeMounts"] == [
+        {"name": "tmp", "mountPath": "/tmp"},
+        *values["extraVolumeMounts"],
+    ]
+    pod = template["spec"]
+    assert pod["volumes"] == [
+        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+        *values["extraVolumes"],
+    ]
+    assert pod["topologySpreadConstraints"] == values["topologySpreadConstraints"]
+    # A nodeAffinity of the values replaces the chart's; the spread stays.
+    assert pod["affinity"] == {
+        "nodeAffinity": values["affinity"]["nodeAffinity"],
+        "podAntiAffinity": SPREAD,
+    }
+    monitor = one(manifests, "ServiceMonitor")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["relabelings"] == values["metrics"]["serviceMonitor"]["relabelings"]
+    assert endpoint["metricRelabelings"] == values["metrics"]["serviceMonitor"]["metricRelabelings"]
+    policy = one(manifests, "NetworkPolicy", FULLNAME)
+    assert policy["spec"]["ingress"][0]["from"] == values["networkPolicy"]["metricsFrom"]
+    rule = one(manifests, "PrometheusRule", FULLNAME)
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert one(manifests, "ConfigMap", f"{FULLNAME}-dashboard")
+
+
+def test_extension_values_are_empty_by_default() -> None:
+    manifests = render()
+    pod = one(manifests, "Deployment")["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in pod
+    assert [e["name"] for e in container(manifests)["env"]] == ["POD_NAME", "POD_NAMESPACE"]
+    for kind in ("NetworkPolicy", "PrometheusRule", "ServiceMonitor", "ConfigMap"):
+        assert not find(manifests, kind), kind
+
+
+def test_aggregated_cluster_roles_let_view_and_edit_users_use_allocations() -> None:
+    manifests = render()
+    view, edit = one(manifests, "ClusterRole", VIEW), one(manifests, "ClusterRole", EDIT)
+    aggregate = "rbac.authorization.k8s.io/aggregate-to-"
+    assert {k: v for k, v in view["metadata"]["labels"].items() if k.startswith(aggregate)} == {
+        f"{aggregate}view": "true",
+        f"{aggregate}edit": "true",
+        f"{aggregate}admin": "true",
+    }
+    assert {k: v for k, v in edit["metadata"]["labels"].items() if k.startswith(aggregate)} == {
+        f"{aggregate}edit": "true",
+        f"{aggregate}admin": "true",
+    }
+    assert view["rules"] == [
+        {
+            "apiGroups": ["melange.dev"],
+            "resources": ["melangeallocations", "melangeallocations/status"],
+            "verbs": ["get", "list", "watch"],
+        }
+    ]
+    # Writing allocations, never their status: that is the operator's.
+    assert edit["rules"] == [
+        {
+            "apiGroups": ["melange.dev"],
+            "resources": ["melangeallocations"],
+            "verbs": ["create", "update", "patch", "delete", "deletecollection"],
+        }
+    ]
+    off = render({"rbac": {"aggregateClusterRoles": False}})
+    assert not find(off, "ClusterRole", VIEW)
+    assert not find(off, "ClusterRole", EDIT)
+
+
+def test_network_policy_admits_metrics_and_probes_only() -> None:
+    manifests = render({"networkPolicy": {"enabled": True}})
+    policy = one(manifests, "NetworkPolicy", FULLNAME)
+    assert policy["metadata"]["namespace"] == RELEASE_NAMESPACE
+    assert policy["spec"] == {
+        "podSelector": {"matchLabels": SELECTOR},
+        "policyTypes": ["Ingress"],
+        "ingress": [
+            {"ports": [{"port": "metrics", "protocol": "TCP"}]},
+            {"ports": [{"port": "healthz", "protocol": "TCP"}]},
+        ],
+    }
+    # The named ports exist on the operator container.
+    assert {p["name"] for p in container(manifests)["ports"]} == {"metrics", "healthz"}
+
+
+def _alerts(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    rule = one(render({"prometheusRule": {"enabled": True, **values}}), "PrometheusRule")
+    (group,) = rule["spec"]["groups"]
+    return {r["alert"]: r for r in group["rules"]}
+
+
+def test_prometheus_rule_thresholds_come_from_the_values() -> None:
+    alerts = _alerts({})
+    assert {name: (r["for"], r["labels"]) for name, r in alerts.items()} == {
+        "MelangeAllocationNotReady": ("15m", {"severity": "warning"}),
+        "MelangeRateSourceDown": ("10m", {"severity": "warning"}),
+        "MelangePoolsNotAtPlan": ("15m", {"severity": "warning"}),
+        "MelangeSolveFailing": ("5m", {"severity": "critical"}),
+    }
+    assert "[10m]" in alerts["MelangeSolveFailing"]["expr"]
+
+    custom = {
+        "additionalRuleLabels": {"team": "serving"},
+        "alerts": {
+            "notReady": {"for": "1h", "severity": "page"},
+            "rateSourceDown": {"enabled": False},
+            "solveFailing": {"window": "30m"},
+        },
+    }
+    alerts = _alerts(custom)
+    assert "MelangeRateSourceDown" not in alerts
+    assert alerts["MelangeAllocationNotReady"]["for"] == "1h"
+    assert alerts["MelangeAllocationNotReady"]["labels"] == {"severity": "page", "team": "serving"}
+    assert "[30m]" in alerts["MelangeSolveFailing"]["expr"]
+    used = {n for r in alerts.values() for n in re.findall(r"\bmelange_[a-z_]+", r["expr"])}
+    assert used <= _exported_names(), used - _exported_names()
 
 
 # -- values and schema -----------------------------------------------------------------------------
@@ -598,6 +823,26 @@ def test_every_value_is_documented_by_a_comment_starting_with_its_name() -> None
         if not path.startswith(PASS_THROUGH) and not comment.startswith(path + " ")
     ]
     assert not undocumented
+
+
+def test_every_value_is_in_the_table_of_docs_helm_md() -> None:
+    """Each value (each top-level key, and each key of the objects the table splits up) has a row
+    in docs/helm.md's Values table."""
+    doc = (REPO / "docs" / "helm.md").read_text()
+    table = doc.split("\n## Values\n", 1)[1].split("\n## ", 1)[0]
+    cells = " ".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [key for key in values if f"`{key}" not in cells]
+    for parent in ("crds", "metrics.serviceMonitor", "networkPolicy", "prometheusRule"):
+        node = values
+        for part in parent.split("."):
+            node = node[part]
+        missing += [
+            f"{parent}.{key}"
+            for key in node
+            if f"`{parent}.{key}" not in cells and f"`.{key}`" not in cells
+        ]
+    assert not missing
 
 
 def test_schema_closes_every_object_and_accepts_the_defaults() -> None:
@@ -659,6 +904,31 @@ def test_schema_closes_every_object_and_accepts_the_defaults() -> None:
         ),
         ({"watchNamespaces": ["Team_A"]}, "at '/watchNamespaces/0'"),
         ({"metrics": {"port": 8080}}, "at '/metrics/port'"),
+        ({"extraVolume": []}, "at '': additional properties 'extraVolume' not allowed"),
+        ({"crds": {"instal": True}}, "at '/crds': additional properties 'instal' not allowed"),
+        ({"extraArgs": "--verbose"}, "at '/extraArgs'"),
+        ({"env": [{"value": "x"}]}, "at '/env/0': missing property 'name'"),
+        ({"extraVolumeMounts": [{"name": "ca"}]}, "at '/extraVolumeMounts/0'"),
+        ({"topologySpreadConstraints": [{"maxSkew": 1}]}, "at '/topologySpreadConstraints/0'"),
+        ({"additionalLabels": {"team": 1}}, "at '/additionalLabels/team'"),
+        ({"networkPolicy": {"enable": True}}, "additional properties 'enable' not allowed"),
+        ({"rbac": {"aggregateClusterRole": True}}, "additional properties 'aggregateClusterRole'"),
+        (
+            {"metrics": {"serviceMonitor": {"relabelings": [{"sourceLabel": ["pod"]}]}}},
+            "at '/metrics/serviceMonitor/relabelings/0'",
+        ),
+        (
+            {"metrics": {"serviceMonitor": {"metricRelabelings": [{"action": "delete"}]}}},
+            "at '/metrics/serviceMonitor/metricRelabelings/0/action'",
+        ),
+        (
+            {"prometheusRule": {"alerts": {"notReady": {"for": "15 minutes"}}}},
+            "at '/prometheusRule/alerts/notReady/for'",
+        ),
+        (
+            {"prometheusRule": {"alerts": {"notready": {"for": "15m"}}}},
+            "additional properties 'notready' not allowed",
+        ),
     ],
 )
 def test_schema_rejects_bad_values_naming_the_key(values: dict[str, Any], message: str) -> None:
@@ -678,19 +948,40 @@ def test_image_tag_defaults_to_app_version_and_a_digest_wins() -> None:
     assert container(pinned)["image"] == f"registry.example/melange@{digest}"
 
 
-def test_crd_comes_from_the_single_file_in_crds(tmp_path: Path) -> None:
-    link = CHART / "crds" / "melangeallocations.melange.dev.yaml"
-    source = REPO / "crds" / "melangeallocations.melange.dev.yaml"
-    assert link.is_symlink()
-    assert link.resolve() == source.resolve()
+def test_crd_is_a_copy_of_the_single_file_in_crds(tmp_path: Path) -> None:
+    """The chart's CRD file is a copy, byte for byte, of the repository's (docs/contributing.md
+    says how to refresh it); the chart has no link left (Helm warns about links on every command),
+    and no crds/ directory, which Helm would install once and never upgrade."""
+    copy = CHART / "files" / "crds" / f"{CRD_NAME}.yaml"
+    source = REPO / "crds" / f"{CRD_NAME}.yaml"
+    assert not copy.is_symlink()
+    assert copy.read_bytes() == source.read_bytes()
+    assert not [path for path in CHART.rglob("*") if path.is_symlink()]
+    assert not (CHART / "crds").exists()
 
-    crds = find(render(include_crds=True), "CustomResourceDefinition")
-    assert crds == [yaml.safe_load(source.read_text())]
+    # Rendered as a template: the file's spec exactly, with the chart's labels, kept on uninstall.
+    crd = one(render(), "CustomResourceDefinition", CRD_NAME)
+    original = yaml.safe_load(source.read_text())
+    assert crd["spec"] == original["spec"]
+    assert crd["metadata"] == {
+        "name": CRD_NAME,
+        "labels": {**original["metadata"]["labels"], **LABELS},
+        "annotations": {"helm.sh/resource-policy": "keep"},
+    }
+    assert (
+        "annotations"
+        not in one(render({"crds": {"keep": False}}), "CustomResourceDefinition")["metadata"]
+    )
+    assert not find(render({"crds": {"install": False}}), "CustomResourceDefinition")
+    # Nothing in crds/: even `helm template --include-crds` renders the CRD once.
+    assert len(find(render(include_crds=True), "CustomResourceDefinition")) == 1
 
-    # A packaged chart holds the file itself, not the link.
+    # A packaged chart holds the copy.
     helm("package", str(CHART), "--destination", str(tmp_path))
     with tarfile.open(tmp_path / "melange-operator-0.1.0.tgz") as archive:
-        member = archive.getmember("melange-operator/crds/melangeallocations.melange.dev.yaml")
+        names = archive.getnames()
+        assert not [name for name in names if name.startswith("melange-operator/crds/")]
+        member = archive.getmember(f"melange-operator/files/crds/{CRD_NAME}.yaml")
         assert member.isfile()
         extracted = archive.extractfile(member)
         assert extracted is not None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import click
 
 from melange.cli.util import fail, require_finite
+from melange.cli.version import installed_version
 
 
 @click.command()
@@ -167,6 +168,7 @@ def run(
         fail([str(exc)], 2)
 
     if metrics_port:
+        metrics.record_build_info(installed_version())
         try:
             metrics.serve(metrics_port, metrics_address)
         except OSError as exc:

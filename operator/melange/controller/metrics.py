@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -16,6 +17,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     start_http_server,
 )
 
@@ -185,3 +187,119 @@ def forget(namespace: str, allocation: str, gpus: Iterable[str]) -> None:
 def serve(port: int, address: str = "0.0.0.0") -> tuple[WSGIServer, threading.Thread]:
     """Expose /metrics on a background thread (the operator's event loop stays free)."""
     return start_http_server(port, addr=address, registry=REGISTRY)
+
+
+# -- build, conditions, node pools and savings ----------------------------------------------------
+
+# No `_created` series: they double the series of every counter and histogram, and the dashboard and
+# the alerts never use them (process-wide in prometheus_client; the operator has no other exporter).
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
+
+CONDITION_STATUSES = ("True", "False", "Unknown")
+
+BUILD_INFO = Gauge(
+    "melange_build_info",
+    "Always 1; the operator's version is in the label.",
+    ["version"],
+    registry=REGISTRY,
+)
+CONDITION = Gauge(
+    "melange_allocation_condition",
+    "1 for an allocation condition's current status, 0 for the other statuses (True, False, "
+    "Unknown).",
+    [*ALLOCATION, "type", "status"],
+    registry=REGISTRY,
+)
+POOL_DESIRED_REPLICAS = Gauge(
+    "melange_pool_desired_replicas",
+    "Replica count the operator sets a GPU type's node pool to: the plan, within the type's "
+    "minReplicas and maxReplicas.",
+    [*ALLOCATION, "gpu"],
+    registry=REGISTRY,
+)
+POOL_REPLICAS = Gauge(
+    "melange_pool_replicas",
+    "Replica count of a GPU type's node pool as the operator last read or set it.",
+    [*ALLOCATION, "gpu"],
+    registry=REGISTRY,
+)
+PLAN_SAVING = Gauge(
+    "melange_plan_saving_per_hour",
+    "Cost per hour of the cheapest single-GPU-type plan minus that of the current plan.",
+    ALLOCATION,
+    registry=REGISTRY,
+)
+
+_condition_types: dict[tuple[str, str], set[str]] = {}
+_pool_gpus: dict[tuple[str, str], set[str]] = {}
+
+
+def record_build_info(version: str) -> None:
+    """`melange_build_info{version}` 1 (one series: a previous version's is removed)."""
+    BUILD_INFO.clear()
+    BUILD_INFO.labels(version).set(1)
+
+
+def record_conditions(
+    namespace: str, allocation: str, conditions: Iterable[Mapping[str, Any]]
+) -> None:
+    """The allocation's status conditions (`{type, status, ...}` mappings), as kube-state-metrics
+    exports them: per type, 1 for the current status and 0 for the other two. The series of a
+    type no longer in the list are removed."""
+    key = (namespace, allocation)
+    current: dict[str, str] = {}
+    for condition in conditions:
+        kind, status = condition.get("type"), condition.get("status")
+        if isinstance(kind, str) and kind:
+            current[kind] = status if status in CONDITION_STATUSES else "Unknown"
+    for gone in _condition_types.get(key, set()) - set(current):
+        CONDITION.remove_by_labels({"namespace": namespace, "allocation": allocation, "type": gone})
+    for kind, status in current.items():
+        for candidate in CONDITION_STATUSES:
+            CONDITION.labels(namespace, allocation, kind, candidate).set(
+                1 if candidate == status else 0
+            )
+    _condition_types[key] = set(current)
+
+
+def record_pool_replicas(
+    namespace: str, allocation: str, desired: Mapping[str, int], observed: Mapping[str, int]
+) -> None:
+    """Per GPU type, the replica count the operator sets its node pool to and the count it last
+    read or set; the series of types not given are removed (a type dropped from the spec)."""
+    key = (namespace, allocation)
+    gpus = set(desired) | set(observed)
+    for gone in _pool_gpus.get(key, set()) - gpus:
+        for gauge in (POOL_DESIRED_REPLICAS, POOL_REPLICAS):
+            with contextlib.suppress(KeyError):
+                gauge.remove(namespace, allocation, gone)
+    for gauge, values in ((POOL_DESIRED_REPLICAS, desired), (POOL_REPLICAS, observed)):
+        for gpu in gpus:
+            if gpu in values:
+                gauge.labels(namespace, allocation, gpu).set(values[gpu])
+            else:
+                with contextlib.suppress(KeyError):
+                    gauge.remove(namespace, allocation, gpu)
+    _pool_gpus[key] = gpus
+
+
+def record_saving(namespace: str, allocation: str, plan: Plan) -> None:
+    """What the plan saves per hour against the cheapest single-type plan (no series when no
+    single type can serve the workload, or the plan is not solved)."""
+    best = plan.best_baseline
+    if not plan.solved or plan.cost_per_hour is None or best is None:
+        with contextlib.suppress(KeyError):
+            PLAN_SAVING.remove(namespace, allocation)
+        return
+    assert best.cost_per_hour is not None  # best_baseline only picks priced baselines
+    PLAN_SAVING.labels(namespace, allocation).set(best.cost_per_hour - plan.cost_per_hour)
+
+
+def forget_state(namespace: str, allocation: str) -> None:
+    """Drop a deleted allocation's condition, node-pool and saving series."""
+    key = (namespace, allocation)
+    labels = {"namespace": namespace, "allocation": allocation}
+    for gauge in (CONDITION, POOL_DESIRED_REPLICAS, POOL_REPLICAS, PLAN_SAVING):
+        gauge.remove_by_labels(labels)
+    _condition_types.pop(key, None)
+    _pool_gpus.pop(key, None)

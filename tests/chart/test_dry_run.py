@@ -1,0 +1,99 @@
+"""Every object the chart renders with all its extension values set, judged by the real API server:
+a server-side dry run (server-side apply with dryRun=All) of each one validates it against the
+built-in schemas and admission (RBAC escalation checks included) without storing anything."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic.exceptions import DynamicApiError
+
+from tests.e2e.kube import Kube
+
+from .helm import RELEASE_NAMESPACE, Manifest, kinds, render
+
+pytestmark = pytest.mark.e2e
+
+DATA = Path(__file__).parent / "data"
+EXTENSIONS = DATA / "values-extensions.yaml"
+FIELD_MANAGER = "melange-chart-test"
+
+
+@pytest.fixture(scope="module")
+def cluster(kube: Kube) -> Kube:
+    """The test control plane with the release namespace and the monitoring kinds served."""
+    for document in kube.apply_file(DATA / "monitoring-crds.yaml"):
+        kube.wait_established(document["metadata"]["name"])
+    try:
+        kube.create_namespace(RELEASE_NAMESPACE)
+    except ApiException as exc:
+        if exc.status != 409:  # already there from an earlier module of the session
+            raise
+    return kube
+
+
+def dry_run(kube: Kube, manifest: Manifest) -> dict[str, Any]:
+    resource = kube.resource((manifest["apiVersion"], manifest["kind"]))
+    dynamic: Any = kube.dynamic  # the dynamic client is not annotated
+    applied = dynamic.server_side_apply(
+        resource,
+        body=manifest,
+        name=manifest["metadata"]["name"],
+        namespace=manifest["metadata"].get("namespace"),
+        field_manager=FIELD_MANAGER,
+        force_conflicts=True,
+        dry_run="All",
+    )
+    return dict(applied.to_dict())
+
+
+def test_every_object_with_every_extension_value_is_accepted(cluster: Kube) -> None:
+    manifests = render(yaml.safe_load(EXTENSIONS.read_text()))
+    assert set(kinds(manifests)) >= {
+        "ClusterRole",
+        "ConfigMap",
+        "CustomResourceDefinition",
+        "Deployment",
+        "NetworkPolicy",
+        "PrometheusRule",
+        "ServiceMonitor",
+    }
+    refused = {}
+    for manifest in manifests:
+        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        try:
+            accepted = dry_run(cluster, manifest)
+        except DynamicApiError as exc:
+            refused[name] = str(exc)
+            continue
+        # What the server would store is what was rendered (defaults added, nothing dropped).
+        assert accepted["metadata"]["labels"] == manifest["metadata"]["labels"], name
+        if manifest["kind"] == "Deployment":
+            pod = accepted["spec"]["template"]["spec"]
+            rendered = manifest["spec"]["template"]["spec"]
+            assert pod["topologySpreadConstraints"] == rendered["topologySpreadConstraints"]
+            assert pod["volumes"][1]["configMap"]["name"] == "prometheus-ca"
+    assert not refused, refused
+    # A dry run stores nothing.
+    dynamic: Any = cluster.dynamic
+    policies = dynamic.get(
+        cluster.resource(("networking.k8s.io/v1", "NetworkPolicy")), namespace=RELEASE_NAMESPACE
+    )
+    assert not [p for p in policies.items if p.metadata.name.startswith("rel-")]
+
+
+def test_the_dry_run_refuses_what_the_schema_lets_through(cluster: Kube) -> None:
+    """The check bites: a spread constraint the values schema accepts (it leaves the fields of
+    Kubernetes objects to the API server) but the API server refuses."""
+    values = yaml.safe_load(EXTENSIONS.read_text())
+    values["topologySpreadConstraints"][0]["maxSkew"] = 0
+    (deployment,) = [m for m in render(values) if m["kind"] == "Deployment"]
+    deployment["metadata"]["name"] = f"refused-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(DynamicApiError) as error:
+        dry_run(cluster, deployment)
+    assert "maxSkew" in str(error.value)
