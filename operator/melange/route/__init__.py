@@ -1,0 +1,6 @@
+"""Routing: what a gateway in front of a Mélange fleet needs to send each request to a GPU type.
+
+`table` turns a plan into a routing table (pure): the share of each bucket's requests per GPU type,
+by input length alone (output length unknown on arrival) and by input and output length (for
+clients whose `max_tokens` can be trusted), and `pick`, the choice of a type for one request.
+"""
