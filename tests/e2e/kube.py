@@ -93,6 +93,17 @@ class Kube:
         )
         return dict(obj.to_dict())
 
+    def set_ready(self, kind: tuple[str, str], name: str, namespace: str, ready: int) -> None:
+        """Set `status.readyReplicas` through the status subresource, as the pool's own
+        controller would once its nodes join (no such controller runs on the test control plane)."""
+        self.dynamic.patch(
+            self.resource(kind).subresources["status"],
+            body={"status": {"readyReplicas": ready}},
+            name=name,
+            namespace=namespace,
+            content_type="application/merge-patch+json",
+        )
+
     def delete(self, kind: tuple[str, str], name: str, namespace: str) -> None:
         self.dynamic.delete(self.resource(kind), name=name, namespace=namespace)
 

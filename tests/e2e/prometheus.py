@@ -195,6 +195,40 @@ class PrometheusServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+class PriceExporter:
+    """A spot-price exporter in this process: `spot_price_per_hour{gpu=...}` in Prometheus' text
+    format over real HTTP, for the prices the test sets (a type without one has no series)."""
+
+    def __init__(self) -> None:
+        self.prices: dict[str, float] = {}
+        exporter = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                lines = [
+                    f'spot_price_per_hour{{gpu="{gpu}"}} {price}'
+                    for gpu, price in sorted(exporter.prices.items())
+                ]
+                body = ("\n".join(["# TYPE spot_price_per_hour gauge", *lines]) + "\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.address = f"127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0

@@ -41,9 +41,16 @@ class FailingKube:
         return "deployments.apps", True
 
     def read_replicas(
-        self, namespace: str | None, ref: api.ObjectReference, replicas_path: str | None
+        self,
+        namespace: str | None,
+        ref: api.ObjectReference,
+        replicas_path: str | None,
+        ready_path: str | None = None,
     ) -> Any:
         raise RuntimeError("the connection pool was closed\nwhile reading " + "x" * 400)
+
+    def price(self, namespace: str, ref: api.SecretKeyRef) -> str:
+        raise AssertionError("no price source in these specs")
 
     def ensure_replicas(
         self,

@@ -119,6 +119,22 @@ class ObjectReference(_Model):
         return _group(self.api_version)
 
 
+class SecretKeyRef(_Model):
+    name: Name
+    key: Name
+
+
+class PriceSource(_Model):
+    """Where a GPU type's live price per hour comes from: a ConfigMap key (in the allocation's
+    namespace, labelled melange.dev/price-source=true by its owner) or a PromQL query run against
+    rateSource.prometheus (e.g. a spot-price exporter's series). Exactly one."""
+
+    config_map_key_ref: SecretKeyRef | None = Field(default=None, alias="configMapKeyRef")
+    prometheus_query: str | None = Field(
+        default=None, alias="prometheusQuery", min_length=1, max_length=4096
+    )
+
+
 class GpuType(_Model):
     name: str = Field(min_length=1, max_length=63, pattern=GPU_NAME_PATTERN)
     # bounded so that a plan's cost (at most 16 x 10,000 instances) is a finite number
@@ -133,11 +149,23 @@ class GpuType(_Model):
     # Enforce: a replica count changed by someone else is set back to the plan within one interval,
     # with an Event. Observe: plan changes are still applied, an outside change is only reported.
     policy: Policy = "Enforce"
-
-
-class SecretKeyRef(_Model):
-    name: Name
-    key: Name
+    # Where the target shows how many of its replicas are ready (make-before-break reads it only
+    # when spec.transition is set); a target without the field counts as ready at once.
+    ready_replicas_path: str = Field(
+        default="/status/readyReplicas",
+        alias="readyReplicasPath",
+        max_length=256,
+        pattern=REPLICAS_PATH_PATTERN,
+    )
+    # At most this many replicas more (fewer) per interval, as HPA's behavior policies; None: any.
+    max_scale_up_per_interval: Integer | None = Field(
+        default=None, alias="maxScaleUpPerInterval", ge=1, le=MAX_REPLICAS
+    )
+    max_scale_down_per_interval: Integer | None = Field(
+        default=None, alias="maxScaleDownPerInterval", ge=1, le=MAX_REPLICAS
+    )
+    # costPerHour is the price until the source is first read, and whenever it never was
+    cost_per_hour_from: PriceSource | None = Field(default=None, alias="costPerHourFrom")
 
 
 class PrometheusSource(_Model):
@@ -160,6 +188,25 @@ class RateSource(_Model):
     )
 
 
+class Transition(_Model):
+    """Make-before-break: new capacity first, old capacity removed once the new is ready.
+
+    Without it (the default) every pool is set to the plan at once.
+    """
+
+    # Scale-downs wait at most this long for the scale-ups of the same change to become ready.
+    ready_timeout_seconds: Integer = Field(default=600, alias="readyTimeoutSeconds", ge=0, le=86400)
+    # A type short of its count for this long is capped at what is ready, and the plan re-solved
+    # without the missing capacity; None: never capped.
+    capacity_timeout_seconds: Integer | None = Field(
+        default=None, alias="capacityTimeoutSeconds", ge=1, le=86400
+    )
+    # How long a cap holds before the type is asked for its full count again.
+    capacity_retry_seconds: Integer = Field(
+        default=1800, alias="capacityRetrySeconds", ge=1, le=7 * 86400
+    )
+
+
 class AllocationSpec(_Model):
     buckets: Buckets
     workload: Workload
@@ -168,6 +215,13 @@ class AllocationSpec(_Model):
     headroom: Number = Field(default=0.0, ge=0, le=10)
     rate_source: RateSource | None = Field(default=None, alias="rateSource")
     dry_run: bool = Field(default=False, alias="dryRun")
+    transition: Transition | None = None
+    # Keep the current mix unless the new plan saves more than this fraction of its cost per hour;
+    # None: always take the cheapest plan.
+    min_savings: Number | None = Field(default=None, alias="minSavings", ge=0, le=1)
+    # A price read from a gpus[].costPerHourFrom source re-solves when it moved by more than this
+    # fraction from the price the plan was solved with.
+    price_tolerance: Number = Field(default=0.05, alias="priceTolerance", ge=0, le=10)
 
 
 @dataclass(frozen=True)
@@ -475,6 +529,22 @@ def _gpu_errors(raw: Any, p: str) -> list[FieldError]:
 def _rate_source_errors(raw: Any, p: str) -> list[FieldError]:
     """The live sources' choices: one query, and a rate source for the distribution to follow."""
     errors: list[FieldError] = []
+    for k, gpu in enumerate(_as_list(_get(raw, "gpus")) or []):
+        source = gpu.get("costPerHourFrom") if isinstance(gpu, Mapping) else None
+        if not isinstance(source, Mapping):
+            continue
+        path = f"{p}gpus[{k}].costPerHourFrom"
+        if ("configMapKeyRef" in source) == ("prometheusQuery" in source):
+            errors.append(
+                FieldError(path, "set exactly one of configMapKeyRef and prometheusQuery")
+            )
+        if "prometheusQuery" in source and not isinstance(_get(raw, "rateSource"), Mapping):
+            errors.append(
+                FieldError(
+                    f"{path}.prometheusQuery",
+                    f"needs {p}rateSource (its Prometheus and credentials are used)",
+                )
+            )
     prometheus = _get(raw, "rateSource", "prometheus")
     path = f"{p}rateSource.prometheus"
     if isinstance(prometheus, Mapping):

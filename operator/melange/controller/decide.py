@@ -14,17 +14,22 @@ from typing import Any
 
 from melange.api import AllocationSpec, FieldError, GpuType, RateSource
 from melange.api.conditions import (
+    CAPACITY_LIMITED,
     DISTRIBUTION_OBSERVED,
+    PRICES_OBSERVED,
     RATE_OBSERVED,
     READY,
     SCALED,
     SOLVED,
+    TRANSITIONING,
     Condition,
     timestamp,
 )
+from melange.controller.transition import Cap, PoolReading, Step
 from melange.plan import report
 from melange.plan.result import Plan
 from melange.signals import coverage, rates
+from melange.signals.prices import PriceDecision
 from melange.signals.rates import RateError
 
 MAX_QUERY_SECONDS = 10
@@ -210,17 +215,34 @@ def infeasible_conditions(plan: Plan) -> list[Condition]:
     )
 
 
-def solved_condition(plan: Plan) -> Condition:
+def solved_condition(plan: Plan, note: str | None = None) -> Condition:
     gap = plan.gap or 0.0
     cost = plan.cost_per_hour or 0.0
-    verdict = "optimal" if plan.status == "Optimal" else "best found within the time limit"
+    if plan.status == "Optimal":
+        verdict = "optimal"
+    else:
+        verdict = "feasible" if note else "best found within the time limit"
     return Condition(
         SOLVED,
         "True",
         plan.status,
         f"{verdict}: {cost:.2f}/h for {plan.total_rate:.4g} req/s "
-        f"(lower bound {plan.lower_bound or 0:.2f}/h, gap {gap:.1%})",
+        f"(lower bound {plan.lower_bound or 0:.2f}/h, gap {gap:.1%})"
+        + (f"; {note}" if note else ""),
     )
+
+
+def planned_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
+    """The counts of the plan in force (status.gpus), or None before the first plan."""
+    entries = status.get("gpus")
+    if not isinstance(entries, list) or not entries:
+        return None
+    counts = {}
+    for entry in entries:
+        if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+            replicas = entry.get("replicas")
+            counts[entry["name"]] = replicas if isinstance(replicas, int) else 0
+    return counts
 
 
 def plan_conditions(plan: Plan, outcomes: Sequence[ScaleOutcome], dry_run: bool) -> list[Condition]:
@@ -304,11 +326,19 @@ def not_allowed_condition(messages: Sequence[str]) -> Condition:
 
 @dataclass(frozen=True)
 class PoolRecord:
-    """What the operator last knew of a pool: the target, the count it wanted and the count seen."""
+    """What the operator last knew of a pool: the target, the count it wanted and the count seen.
+
+    With make-before-break also the plan's count (which `desired` reaches step by step), the ready
+    count, since when fewer were ready than asked for, and when the pool was last patched.
+    """
 
     target: str
     desired: int
     observed: int
+    planned: int | None = None
+    ready: int | None = None
+    short_since: datetime | None = None
+    last_scale: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -350,21 +380,38 @@ def pool_records(status: Mapping[str, Any]) -> dict[str, PoolRecord]:
             and isinstance(desired, int)
             and isinstance(observed, int)
         ):
-            records[name] = PoolRecord(target, desired, observed)
+            planned, ready = entry.get("plannedReplicas"), entry.get("readyReplicas")
+            records[name] = PoolRecord(
+                target,
+                desired,
+                observed,
+                planned=planned if isinstance(planned, int) else None,
+                ready=ready if isinstance(ready, int) else None,
+                short_since=rates.parse_time(entry.get("shortSince")),
+                last_scale=rates.parse_time(entry.get("lastScaleTime")),
+            )
     return records
 
 
 def targets_status(records: Mapping[str, PoolRecord], policies: Mapping[str, str]) -> list[Any]:
-    return [
-        {
+    entries = []
+    for gpu, record in records.items():
+        entry: dict[str, Any] = {
             "name": gpu,
             "target": record.target,
             "policy": policies.get(gpu, "Enforce"),
             "desiredReplicas": record.desired,
             "observedReplicas": record.observed,
         }
-        for gpu, record in records.items()
-    ]
+        optional = {
+            "plannedReplicas": record.planned,
+            "readyReplicas": record.ready,
+            "shortSince": timestamp(record.short_since) if record.short_since else None,
+            "lastScaleTime": timestamp(record.last_scale) if record.last_scale else None,
+        }
+        entry.update({k: v for k, v in optional.items() if v is not None})
+        entries.append(entry)
+    return entries
 
 
 def recent_patches(
@@ -412,3 +459,120 @@ def with_ready(updates: Sequence[Condition]) -> list[Condition]:
             assert scaled is not None
             ready = Condition(READY, "True", "Reconciled", scaled.message)
     return [ready, *(c for c in updates if c.type != READY)]
+
+
+# -- transitions and capacity caps ----------------------------------------------------------------
+
+
+def pool_summary(
+    planned: Mapping[str, int], targets: Mapping[str, int], pools: Mapping[str, PoolReading]
+) -> str:
+    """Per type: the plan's count, the count asked for now and the ready count."""
+    parts = []
+    for name, plan in planned.items():
+        pool = pools.get(name)
+        ready = "?" if pool is None or pool.ready is None else str(pool.ready)
+        parts.append(f"{name}: plan {plan}, asked {targets.get(name, plan)}, ready {ready}")
+    return "; ".join(parts)
+
+
+def transition_condition(
+    step: Step, planned: Mapping[str, int], pools: Mapping[str, PoolReading], timeout: int
+) -> Condition:
+    summary = pool_summary(planned, step.targets, pools)
+    if not step.in_progress:
+        return Condition(TRANSITIONING, "False", "AtPlan", f"every pool is at the plan: {summary}")
+    why = []
+    if step.waiting:
+        why.append(f"waiting for {', '.join(step.waiting)} to be ready")
+    if step.held:
+        why.append(f"scale-down of {', '.join(step.held)} held until then (at most {timeout} s)")
+    if step.pending:
+        why.append(f"no more asked of {', '.join(step.pending)} while its scale-up is in flight")
+    if step.limited:
+        why.append(f"{', '.join(step.limited)} moving by its step limit")
+    reason = "WaitingForReady" if step.waiting or step.pending else "StepLimited"
+    return Condition(TRANSITIONING, "True", reason, f"{'; '.join(why)}. {summary}")
+
+
+def transition_scaled(
+    step: Step, planned: Mapping[str, int], pools: Mapping[str, PoolReading]
+) -> Condition:
+    summary = pool_summary(planned, step.targets, pools)
+    return Condition(SCALED, "False", "Transitioning", f"on the way to the plan: {summary}")
+
+
+def capacity_condition(caps: Mapping[str, Cap]) -> Condition:
+    if not caps:
+        return Condition(CAPACITY_LIMITED, "False", "NotLimited", "every GPU type gets its count")
+    message = "; ".join(
+        f"{name} is capped at {cap.replicas} (the ready count: it stayed short of what it was "
+        f"asked for; no quota or no capacity in its zone?) until {timestamp(cap.retry)}"
+        for name, cap in caps.items()
+    )
+    return Condition(
+        CAPACITY_LIMITED, "True", "CapacityShort", f"{message}; the plan is solved within the cap"
+    )
+
+
+def caps_status(caps: Mapping[str, Cap]) -> list[dict[str, Any]] | None:
+    if not caps:
+        return None
+    return [
+        {
+            "name": name,
+            "replicas": cap.replicas,
+            "since": timestamp(cap.since),
+            "retryTime": timestamp(cap.retry),
+        }
+        for name, cap in caps.items()
+    ]
+
+
+def caps_from_status(status: Mapping[str, Any]) -> dict[str, Cap]:
+    caps = {}
+    for entry in status.get("gpuCaps") or ():
+        if not isinstance(entry, Mapping):
+            continue
+        name, replicas = entry.get("name"), entry.get("replicas")
+        since, retry = (
+            rates.parse_time(entry.get("since")),
+            rates.parse_time(entry.get("retryTime")),
+        )
+        if isinstance(name, str) and isinstance(replicas, int) and retry is not None:
+            caps[name] = Cap(replicas, since or retry, retry)
+    return caps
+
+
+def capped_spec(spec: AllocationSpec, caps: Mapping[str, Cap]) -> AllocationSpec:
+    """The spec with each capped type's maxReplicas lowered to its cap (never below minReplicas)."""
+    if not caps:
+        return spec
+    gpus = []
+    for gpu in spec.gpus:
+        cap = caps.get(gpu.name)
+        if cap is None:
+            gpus.append(gpu)
+            continue
+        limit = max(cap.replicas, gpu.min_replicas)
+        if gpu.max_replicas is not None:
+            limit = min(limit, gpu.max_replicas)
+        gpus.append(gpu.model_copy(update={"max_replicas": limit}))
+    return spec.model_copy(update={"gpus": gpus})
+
+
+# -- prices ---------------------------------------------------------------------------------------
+
+
+def prices_condition(decision: PriceDecision, read: Mapping[str, float | RateError]) -> Condition:
+    if decision.failed:
+        first = decision.failed[0][1]
+        message = "; ".join(error.message for _, error in decision.failed)
+        return Condition(
+            PRICES_OBSERVED,
+            "False",
+            first.reason,
+            f"{message}; the plan keeps the prices it was solved with",
+        )
+    shown = ", ".join(f"{name} {value:g}/h" for name, value in read.items())
+    return Condition(PRICES_OBSERVED, "True", "Observed", f"prices read: {shown}")

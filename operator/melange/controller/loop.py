@@ -21,7 +21,7 @@ from typing import Any
 
 from melange import api
 from melange.api import conditions
-from melange.controller import decide, metrics
+from melange.controller import choose, decide, metrics
 from melange.controller.errors import NotLeader, StatusGone
 from melange.controller.observe import Observer
 from melange.controller.pools import Pools
@@ -34,13 +34,14 @@ from melange.controller.state import (
     Work,
     condition_event,
 )
-from melange.plan import solver
 from melange.plan.result import Plan
-from melange.signals import distribution
+from melange.signals import distribution, prices
 from melange.signals.prometheus import PrometheusClient
 
 TICK_SECONDS = 1.0
 SCALE_RETRY_SECONDS = 15.0
+# While pools are on their way to the plan (spec.transition), their readiness is read this often.
+TRANSITION_POLL_SECONDS = 5.0
 INTERNAL_ERROR = "InternalError"
 MAX_ERROR_MESSAGE = 200  # characters of an unexpected failure's one-line message
 MAX_CONCURRENT = 16
@@ -55,6 +56,7 @@ SOLVE_TRIGGERS = {
     "Resync": "resume",
     "RateDrift": "rate_drift",
     "DistributionDrift": "distribution_drift",
+    "PriceChange": "price_change",
 }
 
 
@@ -66,9 +68,16 @@ def failure_message(exc: BaseException) -> str:
     return text
 
 
-def _interval(spec: Mapping[str, Any]) -> float:
+def _poll_interval(spec: Mapping[str, Any]) -> float:
     raw = (spec.get("rateSource") or {}).get("intervalSeconds", 30)
     return float(min(max(raw if isinstance(raw, int) else 30, 5), 3600))
+
+
+def _interval(spec: Mapping[str, Any], settings: Settings) -> float:
+    """Seconds between an allocation's regular reconciles: its poll interval, else the resync."""
+    if isinstance(spec.get("rateSource"), Mapping):
+        return _poll_interval(spec)
+    return float(settings.resync_seconds)
 
 
 class Controller:
@@ -116,6 +125,8 @@ class Controller:
         for state in self.states.values():
             if state.task is not None:
                 state.task.cancel()
+        for key in list(self.states):
+            self.forget(key)  # a standby's gauges would go stale
         self.states.clear()
         self.wake()
 
@@ -165,10 +176,8 @@ class Controller:
                 continue
             if poll:
                 state.polled_source = source
-                state.next_poll = now + _interval(spec)
-            state.next_resync = now + (
-                _interval(spec) if source is not None else self.settings.resync_seconds
-            )
+                state.next_poll = now + _poll_interval(spec)
+            state.next_resync = now + _interval(spec, self.settings)
             if changed and state.generation == 0:  # first sight: a new object, or a restart
                 trigger = "resume" if state.status.get("observedGeneration") else "create"
             else:
@@ -189,6 +198,7 @@ class Controller:
             ]
             metrics.forget(*key, gpus)
             metrics.forget_rate_source(*key)
+            metrics.forget_state(*key)
 
     async def _guarded(self, key: Key, state: AllocationState, trigger: str, poll: bool) -> None:
         try:
@@ -283,12 +293,25 @@ class Controller:
             drift = await self.observer.observe(key, spec, state, work, now)
             if drift is not None:
                 reason, rate, matrix = drift
+        priced = await self.observer.observe_prices(key, spec, state, work, now)
+        if priced is None:
+            work.dropped.append(conditions.PRICES_OBSERVED)
+            work.status["prices"] = None
+            state.prices_condition = None
+        else:
+            if state.prices_condition is not None:
+                work.updates.append(state.prices_condition)
+            if priced.changed and reason == "Resync":
+                reason = "PriceChange"
+            spec = prices.priced_spec(spec, priced.prices)
         if spec.rate_source is not None and state.rate.condition is not None:
             work.updates.append(state.rate.condition)
         if follows and state.rate.distribution_condition is not None:
             work.updates.append(state.rate.distribution_condition)
 
         plan = await self._solve(key, spec, state, work, rate, matrix, reason, now, generation)
+        if priced is not None and plan.solved:
+            work.status["prices"] = prices.to_status(priced.prices)
         if not plan.solved:
             log.warning("[%s/%s] No feasible plan, node pools left as they are", *key)
             metrics.record_error(namespace, name, plan.status)
@@ -296,12 +319,25 @@ class Controller:
             await self._finish(key, body, state, work, generation, now, trigger)
             return
         desired = decide.desired_replicas(spec, plan)
-        scaled = await self.pools.scale(key, body, spec, desired, reason, work, now)
-        work.updates = [*decide.with_ready([decide.solved_condition(plan), scaled]), *work.updates]
+        result = await self.pools.scale(
+            key, body, spec, desired, reason, work, now, _interval(raw, self.settings)
+        )
+        scaled = result.scaled
+        solved = decide.solved_condition(plan, state.note)
+        work.updates = [*decide.with_ready([solved, scaled]), *result.conditions, *work.updates]
+        if spec.transition is None:
+            work.dropped.append(conditions.TRANSITIONING)
+        if spec.transition is None or spec.transition.capacity_timeout_seconds is None:
+            work.dropped.append(conditions.CAPACITY_LIMITED)
         failed = scaled.reason == "ScaleFailed"
         if failed:
             metrics.record_error(namespace, name, "ScaleFailed")
         await self._finish(key, body, state, work, generation, now, trigger, retry=failed)
+        if result.caps_changed:
+            state.next_resync = 0.0  # re-solve within the new caps at once
+        elif result.moving:
+            loop_now = asyncio.get_running_loop().time()
+            state.next_resync = min(state.next_resync, loop_now + TRANSITION_POLL_SECONDS)
 
     async def _solve(
         self,
@@ -321,13 +357,29 @@ class Controller:
             spec = spec.model_copy(
                 update={"workload": spec.workload.model_copy(update={"distribution": fitted})}
             )
+        mbb = spec.transition
+        caps = (
+            decide.caps_from_status(work.status)
+            if mbb is not None and mbb.capacity_timeout_seconds is not None
+            else {}
+        )
+        current = decide.planned_counts(work.status) if spec.min_savings is not None else None
         # Within one uid, the generation names the spec (every spec change bumps it).
-        inputs = (generation, rate, fitted)
+        inputs = (
+            generation,
+            rate,
+            fitted,
+            tuple(sorted((n, c.replicas) for n, c in caps.items())),
+            tuple(g.cost_per_hour for g in spec.gpus),
+        )
         if state.solved is not None and state.solved[0] == inputs:
             return state.solved[1]
-        plan = await asyncio.to_thread(solver.solve_spec, spec, rate)
+        choice = await asyncio.to_thread(choose.choose_plan, spec, rate, caps, current)
+        plan = choice.plan
         state.solved = (inputs, plan)
+        state.note = choice.note
         metrics.record_plan(*key, plan, SOLVE_TRIGGERS[reason])
+        metrics.record_saving(*key, plan)
         state.rate.solved_rate = plan.total_rate
         if decide.distribution_model(spec) is not None:
             state.rate.solved_distribution = fitted
@@ -366,6 +418,7 @@ class Controller:
         if changed:
             await asyncio.to_thread(self.kube.patch_status, namespace, name, changed)
         state.status = {k: v for k, v in work.status.items() if v is not None}
+        metrics.record_conditions(namespace, name, state.status.get("conditions") or [])
         state.generation = generation
         log.info("[%s/%s] Reconciled (%s): Ready=%s %s", *key, trigger, ready.status, ready.reason)
         if retry:

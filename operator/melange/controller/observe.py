@@ -18,7 +18,7 @@ from melange.controller.state import (
     condition_event,
     transitioned,
 )
-from melange.signals import distribution, rates
+from melange.signals import distribution, prices, rates
 from melange.signals.distribution import Observation
 from melange.signals.prometheus import PrometheusClient
 from melange.signals.rates import RateError, URLNotAllowed
@@ -200,3 +200,74 @@ class Observer:
             work.events.append(condition_event(condition))
         state.rate.distribution_condition = condition
         return moved
+
+    async def observe_prices(
+        self, key: Key, spec: api.AllocationSpec, state: AllocationState, work: Work, now: datetime
+    ) -> prices.PriceDecision | None:
+        """Read each priced type's source; the prices to solve with (None: no type has one)."""
+        namespace = key[0]
+        sourced = [g for g in spec.gpus if g.cost_per_hour_from is not None]
+        if not sourced:
+            return None
+        names = {g.name: prices.source_name(spec, g.name) or "spec" for g in sourced}
+        read: dict[str, float | RateError] = {}
+        answers = await asyncio.gather(
+            *(self._price(namespace, spec, g) for g in sourced), return_exceptions=True
+        )
+        for gpu, answer in zip(sourced, answers, strict=True):
+            if isinstance(answer, RateError | float):
+                read[gpu.name] = answer
+            elif isinstance(answer, BaseException):
+                raise answer
+        decision = prices.decide(
+            prices.in_effect(spec, work.status), read, spec.price_tolerance, now, names
+        )
+        condition = decide.prices_condition(decision, read)
+        if transitioned(state.prices_condition, condition):
+            log.info("[%s/%s] Prices: %s", *key, condition.message)
+            work.events.append(condition_event(condition))
+        state.prices_condition = condition
+        if decision.changed:
+            message = "; ".join(
+                f"{n} {decision.prices[n].cost_per_hour:g}/h ({decision.prices[n].source})"
+                for n in decision.changed
+            )
+            log.info("[%s/%s] Price change: %s", *key, message)
+            work.events.append(EventSpec("Normal", "PriceChange", f"re-solving: {message}"))
+        return decision
+
+    async def _price(self, namespace: str, spec: api.AllocationSpec, gpu: api.GpuType) -> float:
+        source = gpu.cost_per_hour_from
+        assert source is not None
+        what = f"the price of {gpu.name}"
+        try:
+            if source.config_map_key_ref is not None:
+                text = await asyncio.to_thread(
+                    self.kube.price, namespace, source.config_map_key_ref
+                )
+                return prices.parse_price(
+                    text, f"{what} (ConfigMap key {source.config_map_key_ref.key})"
+                )
+            rate_source = spec.rate_source
+            assert rate_source is not None  # checked by the spec's own rules
+            assert source.prometheus_query is not None
+            refused = urls.refusal(
+                rate_source.prometheus.url,
+                self.allowed_urls,
+                sends_token=rate_source.prometheus.bearer_token_secret_ref is not None,
+            )
+            if refused is not None:
+                raise URLNotAllowed(refused)
+            token, ca = await asyncio.to_thread(
+                self.kube.credentials, namespace, rate_source.prometheus
+            )
+            status, body, url, kind = await self.prometheus.query(
+                rate_source.prometheus.url,
+                source.prometheus_query,
+                bearer_token=token,
+                ca_pem=ca,
+                timeout=decide.query_timeout(rate_source),
+            )
+            return prices.parse_price_response(status, body, url, content_type=kind)
+        except RateError as exc:
+            raise type(exc)(f"{what}: {exc.message}") from None

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from melange import api
-from melange.api.conditions import Condition
-from melange.controller import decide, metrics
+from melange.api.conditions import Condition, timestamp
+from melange.controller import decide, metrics, transition
 from melange.controller.errors import ScaleError
 from melange.controller.settings import Settings
 from melange.controller.state import EventSpec, Key, Kube, Work
+from melange.signals import rates
 
 log = logging.getLogger("melange.controller")
 
@@ -68,11 +70,14 @@ class Pools:
         reason: str,
         work: Work,
         now: datetime,
-    ) -> Condition:
-        """Check ownership and scope, then bring each pool to the plan; the Scaled condition."""
+        interval: float = 0.0,
+    ) -> ScaleResult:
+        """Check ownership and scope, then bring each pool to the plan (step by step with
+        spec.transition); the Scaled condition and the transition's."""
         namespace, name = key
         if spec.dry_run:
-            return decide.scaled_condition([], dry_run=True)
+            metrics.record_pool_replicas(namespace, name, {}, {})
+            return ScaleResult(decide.scaled_condition([], dry_run=True))
         refused, mine, scopes = [], [], {}
         for gpu in spec.gpus:
             ref = gpu.scale_target_ref
@@ -89,29 +94,78 @@ class Pools:
                     "in the operator's allow-list (--allow-cluster-scoped)"
                 )
         if refused:
-            return decide.not_allowed_condition(refused)
+            return ScaleResult(decide.not_allowed_condition(refused))
         created = str(body.get("created") or "")
         conflicts = decide.target_conflicts(
             decide.Claim(key, created, tuple(mine)), await self._claims(key)
         )
         if conflicts:
-            return decide.conflict_condition(conflicts)
+            return ScaleResult(decide.conflict_condition(conflicts))
 
         records = decide.pool_records(work.status)
+        mbb = spec.transition
+        reads: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        for gpu in spec.gpus:
+            ref = gpu.scale_target_ref
+            assert ref is not None
+            where = namespace if scopes.get(gpu.name, True) else None
+            ready_path = gpu.ready_replicas_path if mbb is not None else None
+            try:
+                reads[gpu.name] = await asyncio.to_thread(
+                    self.kube.read_replicas, where, ref, gpu.replicas_path, ready_path
+                )
+            except ScaleError as exc:
+                errors[gpu.name] = str(exc)
+        readings = {
+            name: transition.PoolReading(
+                0 if read.value is None else int(read.value), getattr(read, "ready", None)
+            )
+            for name, read in reads.items()
+        }
+        since = rates.parse_time(work.status.get("transitionSince"))
+        step = transition.next_step(
+            {name: desired[name] for name in readings},
+            readings,
+            make_before_break=mbb is not None,
+            waited_seconds=(now - since).total_seconds() if since else 0.0,
+            ready_timeout=mbb.ready_timeout_seconds if mbb is not None else 0.0,
+            limits={
+                g.name: transition.StepLimits(
+                    g.max_scale_up_per_interval,
+                    g.max_scale_down_per_interval,
+                    records[g.name].last_scale if g.name in records else None,
+                )
+                for g in spec.gpus
+            },
+            now=now,
+            interval=interval,
+        )
+
         reasons: dict[str, str] = {}
         outcomes = []
+        after: dict[str, transition.PoolReading] = {}
         for gpu in spec.gpus:
             ref = gpu.scale_target_ref
             assert ref is not None
             target = decide.target_name(gpu)
             where = namespace if scopes.get(gpu.name, True) else None
-            want = desired[gpu.name]
+            want = step.targets.get(gpu.name, desired[gpu.name])
+            record = records.get(gpu.name)
+            base = decide.PoolRecord(
+                target,
+                want,
+                0,
+                planned=desired[gpu.name] if mbb is not None else None,
+                ready=readings[gpu.name].ready if gpu.name in readings else None,
+                short_since=record.short_since if record is not None else None,
+                last_scale=record.last_scale if record is not None else None,
+            )
+            if gpu.name in errors:
+                outcomes.append(decide.ScaleOutcome(gpu.name, target, want, error=errors[gpu.name]))
+                continue
+            read, current = reads[gpu.name], readings[gpu.name].current
             try:
-                read = await asyncio.to_thread(
-                    self.kube.read_replicas, where, ref, gpu.replicas_path
-                )
-                current = 0 if read.value is None else int(read.value)
-                record = records.get(gpu.name)
                 action = decide.pool_action(current, want, record, gpu.policy, target, reason)
                 outcome = decide.ScaleOutcome(gpu.name, target, want, previous=current)
                 if action.outside and record is not None:
@@ -128,14 +182,21 @@ class Pools:
                         gpu.name, target, want, previous=change.previous, patched=change.patched
                     )
                     reasons[gpu.name] = action.reason
-                    records[gpu.name] = decide.PoolRecord(target, want, change.current)
+                    records[gpu.name] = replace(
+                        base,
+                        observed=change.current,
+                        last_scale=now if change.patched else base.last_scale,
+                    )
                 else:
                     if current != want:
                         outcome = decide.ScaleOutcome(
                             gpu.name, target, want, previous=current, kept=current
                         )
                     # not patched: at the plan, or left by Observe at a plan already asked for
-                    records[gpu.name] = decide.PoolRecord(target, want, current)
+                    records[gpu.name] = replace(base, observed=current)
+                after[gpu.name] = transition.PoolReading(
+                    records[gpu.name].observed, readings[gpu.name].ready
+                )
             except ScaleError as exc:
                 outcome = decide.ScaleOutcome(gpu.name, target, want, error=str(exc))
             outcomes.append(outcome)
@@ -149,13 +210,86 @@ class Pools:
                 )
                 log.info("[%s/%s] Scaled %s", *key, message)
                 work.events.append(EventSpec("Normal", "Scaled", message))
+        result = ScaleResult(decide.scaled_condition(outcomes, dry_run=False))
+        if mbb is not None:
+            result = self._transition(key, spec, records, after, step, desired, work, now, result)
         policies = {g.name: g.policy for g in spec.gpus}
         kept_records = {g.name: records[g.name] for g in spec.gpus if g.name in records}
+        metrics.record_pool_replicas(
+            namespace,
+            name,
+            {g: r.desired for g, r in kept_records.items()},
+            {g: r.observed for g, r in kept_records.items()},
+        )
         work.status["targets"] = decide.targets_status(kept_records, policies)
         patches = decide.recent_patches(work.status.get("recentPatches"), outcomes, reasons, now)
         if patches or work.status.get("recentPatches") is not None:
             work.status["recentPatches"] = patches
-        return decide.scaled_condition(outcomes, dry_run=False)
+        return result
+
+    def _transition(
+        self,
+        key: Key,
+        spec: api.AllocationSpec,
+        records: dict[str, decide.PoolRecord],
+        after: Mapping[str, transition.PoolReading],
+        step: transition.Step,
+        planned: Mapping[str, int],
+        work: Work,
+        now: datetime,
+        result: ScaleResult,
+    ) -> ScaleResult:
+        """Make-before-break's status: the transition, the pools' shortfalls and capacity caps."""
+        mbb = spec.transition
+        assert mbb is not None
+        readings = {name: after.get(name, transition.PoolReading(0)) for name in planned}
+        moving = step.in_progress or any(r.ready_count < r.current for r in after.values())
+        if moving:
+            work.status.setdefault("transitionSince", timestamp(now))
+        else:
+            work.status["transitionSince"] = None
+        known = transition.Capacity(
+            {n: r.short_since for n, r in records.items() if r.short_since is not None},
+            decide.caps_from_status(work.status),
+        )
+        change = transition.update_capacity(
+            known, after, now, mbb.capacity_timeout_seconds, mbb.capacity_retry_seconds
+        )
+        for name, record in records.items():
+            records[name] = replace(record, short_since=change.capacity.short_since.get(name))
+        work.status["gpuCaps"] = decide.caps_status(change.capacity.caps)
+        for name in change.new_caps:
+            cap = change.capacity.caps[name]
+            message = (
+                f"{name} stayed short of its count for {mbb.capacity_timeout_seconds} s: capped at "
+                f"{cap.replicas} (ready) until {timestamp(cap.retry)}; the other types take its traffic"
+            )
+            log.warning("[%s/%s] %s", *key, message)
+            work.events.append(EventSpec("Warning", "CapacityShort", message))
+        for name in change.lifted:
+            message = f"{name}'s capacity cap ran out: asking for its full count again"
+            log.info("[%s/%s] %s", *key, message)
+            work.events.append(EventSpec("Normal", "CapacityRetry", message))
+        scaled = result.scaled
+        if scaled.status == "True" and moving:
+            scaled = decide.transition_scaled(step, planned, readings)
+        extra = [decide.transition_condition(step, planned, readings, mbb.ready_timeout_seconds)]
+        if mbb.capacity_timeout_seconds is not None:
+            extra.append(decide.capacity_condition(change.capacity.caps))
+        return ScaleResult(
+            scaled, extra, moving=moving, caps_changed=bool(change.new_caps or change.lifted)
+        )
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """What scaling said: the Scaled condition, the transition's conditions, and whether to look
+    again soon (pools on their way) or re-solve (a capacity cap set or lifted)."""
+
+    scaled: Condition
+    conditions: list[Condition] = field(default_factory=list)
+    moving: bool = False
+    caps_changed: bool = False
 
 
 def _key(namespace: str, ref: api.ObjectReference, namespaced: bool) -> decide.TargetKey:

@@ -27,7 +27,11 @@ class Kube(Protocol):
     def scope(self, ref: api.ObjectReference) -> tuple[str, bool]: ...
 
     def read_replicas(
-        self, namespace: str | None, ref: api.ObjectReference, replicas_path: str | None
+        self,
+        namespace: str | None,
+        ref: api.ObjectReference,
+        replicas_path: str | None,
+        ready_path: str | None = None,
     ) -> Any: ...
 
     def ensure_replicas(
@@ -44,6 +48,8 @@ class Kube(Protocol):
     def post_event(
         self, namespace: str, name: str, uid: str | None, type_: str, reason: str, message: str
     ) -> None: ...
+
+    def price(self, namespace: str, ref: api.SecretKeyRef) -> str: ...
 
     def credentials(
         self, namespace: str, source: api.PrometheusSource
@@ -120,8 +126,10 @@ class AllocationState:
     next_poll: float = 0.0
     next_resync: float = 0.0
     polled_source: Any = None
-    # ((generation, rate, distribution) it was solved for, the plan)
-    solved: tuple[tuple[int, float | None, list[list[float]] | None], Plan] | None = None
+    # ((generation, rate, distribution, caps) it was solved for, the plan)
+    solved: tuple[tuple[Any, ...], Plan] | None = None
+    note: str | None = None  # why the plan acted on is not simply the cheapest (minSavings, caps)
+    prices_condition: Condition | None = None  # the current PricesObserved
     task: asyncio.Task[None] | None = None
 
 

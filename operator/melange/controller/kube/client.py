@@ -44,6 +44,7 @@ from kubernetes.dynamic.exceptions import (
 from melange import api
 from melange.controller.errors import NotLeader, ScaleError, StatusGone
 from melange.controller.lease import LeaseRecord
+from melange.signals import prices
 from melange.signals.rates import CredentialsUnavailable
 
 FIELD_MANAGER = "melange-operator"
@@ -66,6 +67,7 @@ class Replicas:
 
     value: int | None  # None: the field at replicasPath is not set
     resource_version: str | None
+    ready: int | None = None  # at the ready path, when one was asked for and the target shows it
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,29 @@ def _pointer_get(document: Any, pointer: str) -> Any:
     return node
 
 
+def _pointer_int(document: Any, pointer: str) -> int | None:
+    value = _pointer_get(document, pointer)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ScaleError(f"{pointer} is not an integer: {value!r}")
+    return value
+
+
+def _ready_count(document: Any, pointer: str, reports_status: bool) -> int | None:
+    """The ready count at `pointer`, or None for a target that cannot show one.
+
+    An absent field is 0 when the kind has a status subresource (its controller reports there:
+    Deployments and MachineDeployments omit `readyReplicas` at 0, and a new object has no status
+    until its controller first sees it) or when the field's parent is there; otherwise the kind
+    has no ready count and the target counts as ready at once.
+    """
+    value = _pointer_int(document, pointer)
+    if value is None:
+        parent = pointer.rsplit("/", 1)[0]
+        if reports_status or not parent or isinstance(_pointer_get(document, parent), dict):
+            return 0
+    return value
+
+
 def _not_found(namespace: str | None) -> str:
     return f"not found in namespace {namespace}" if namespace else "not found (cluster-scoped)"
 
@@ -317,22 +342,32 @@ class KubeClient:
         return name, bool(resource.namespaced)
 
     def read_replicas(
-        self, namespace: str | None, ref: api.ObjectReference, replicas_path: str | None
+        self,
+        namespace: str | None,
+        ref: api.ObjectReference,
+        replicas_path: str | None,
+        ready_path: str | None = None,
     ) -> Replicas:
-        """The replica count; `namespace` None for a cluster-scoped kind."""
+        """The replica count, and the ready count at `ready_path` when given; `namespace` None
+        for a cluster-scoped kind."""
         resource = self._resource(ref)
         try:
-            if replicas_path:
+            obj = None
+            if replicas_path or ready_path:
                 obj = self._dynamic.get(resource, name=ref.name, namespace=namespace).to_dict()
-                value = _pointer_get(obj, replicas_path)
-                if value is not None and not isinstance(value, int):
-                    raise ScaleError(f"{replicas_path} is not an integer: {value!r}")
-                return Replicas(value, (obj.get("metadata") or {}).get("resourceVersion"))
+            ready = None
+            if obj is not None and ready_path:
+                ready = _ready_count(obj, ready_path, "status" in resource.subresources)
+            if replicas_path:
+                assert obj is not None
+                value = _pointer_int(obj, replicas_path)
+                return Replicas(value, (obj.get("metadata") or {}).get("resourceVersion"), ready)
             scale = self._scale_subresource(resource, ref)
             obj = self._dynamic.get(scale, name=ref.name, namespace=namespace).to_dict()
             return Replicas(
                 int((obj.get("spec") or {}).get("replicas") or 0),
                 (obj.get("metadata") or {}).get("resourceVersion"),
+                ready,
             )
         except NotFoundError:
             raise ScaleError(_not_found(namespace)) from None
@@ -476,7 +511,23 @@ class KubeClient:
 
     # -- credentials the spec names, read fresh (tokens rotate)
 
-    def _read_key(self, kind: str, namespace: str, ref: api.SecretKeyRef) -> str:
+    def price(self, namespace: str, ref: api.SecretKeyRef) -> str:
+        """A price as its ConfigMap key holds it, from a ConfigMap labelled as a price source."""
+        try:
+            return self._read_key(
+                "ConfigMap", namespace, ref, prices.PRICE_SOURCE_LABEL, "price sources"
+            )
+        except CredentialsUnavailable as exc:
+            raise prices.PriceUnavailable(exc.message) from None
+
+    def _read_key(
+        self,
+        kind: str,
+        namespace: str,
+        ref: api.SecretKeyRef,
+        label: str = CREDENTIALS_LABEL,
+        purpose: str = "rate sources",
+    ) -> str:
         where = f"{kind} {namespace}/{ref.name}"
         read: k8s.V1Secret | k8s.V1ConfigMap
         try:
@@ -488,10 +539,10 @@ class KubeClient:
             reason = {404: "not found", 403: "forbidden (RBAC)"}.get(exc.status or 0, exc.reason)
             raise CredentialsUnavailable(f"{where}: {reason}") from None
         labels = (read.metadata.labels if read.metadata is not None else None) or {}
-        if labels.get(CREDENTIALS_LABEL) != "true":
+        if labels.get(label) != "true":
             raise CredentialsUnavailable(
-                f"{where} is not labelled {CREDENTIALS_LABEL}=true, so its owner has not let rate "
-                "sources use it; nothing was sent"
+                f"{where} is not labelled {label}=true, so its owner has not let {purpose} use "
+                f"it; {'nothing was sent' if label == CREDENTIALS_LABEL else 'it was not read'}"
             )
         data: Mapping[str, Any] = read.data or {}
         if ref.key not in data:

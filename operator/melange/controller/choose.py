@@ -1,0 +1,98 @@
+"""Which plan to act on: the cheapest, within the capacity caps, unless the current mix is close.
+
+Every change of the mix restarts model servers and waits for nodes, so with `spec.minSavings` a
+re-solve keeps what runs unless the cheapest plan saves more than that fraction of the cost:
+- first the current counts themselves, re-evaluated at the new rate (still enough? then nothing
+  moves at all);
+- else the current mix of types, resized for the new rate (counts change, no type comes or goes).
+The kept plan is `Optimal` only when it costs no more than the proven optimum; otherwise it is a
+`Feasible` plan whose gap to the optimum's lower bound the status shows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from melange.api import AllocationSpec, GpuType
+from melange.controller import decide
+from melange.controller.transition import Cap
+from melange.plan import solver
+from melange.plan.result import Plan
+
+COST_TIE = 1e-9  # relative: costs this close are the same cost
+
+
+@dataclass(frozen=True)
+class Choice:
+    plan: Plan
+    note: str | None = None  # why the plan is not simply the cheapest one
+
+
+def _pinned(gpu: GpuType, count: int) -> GpuType:
+    """A type fixed at `count` (within its own bounds)."""
+    count = max(count, gpu.min_replicas)
+    if gpu.max_replicas is not None:
+        count = min(count, gpu.max_replicas)
+    return gpu.model_copy(update={"min_replicas": count, "max_replicas": count})
+
+
+def _without(gpu: GpuType) -> GpuType:
+    """A type left out of the mix (at its minReplicas)."""
+    return gpu.model_copy(update={"max_replicas": gpu.min_replicas})
+
+
+def choose_plan(
+    spec: AllocationSpec,
+    rate: float | None,
+    caps: Mapping[str, Cap] | None = None,
+    current: Mapping[str, int] | None = None,
+) -> Choice:
+    """The plan to act on for this rate, given the caps in force and the counts running now."""
+    capped = decide.capped_spec(spec, caps or {})
+    best = solver.solve_spec(capped, rate)
+    note = None
+    if caps and not best.solved:
+        uncapped = solver.solve_spec(spec, rate)
+        if uncapped.solved:
+            best = uncapped
+            note = "no plan fits within the capacity caps, so the full counts are asked for"
+    if spec.min_savings is None or not current or not best.solved:
+        return Choice(best, note)
+    desired = decide.desired_replicas(capped, best)
+    if all(current.get(name, 0) == count for name, count in desired.items()):
+        return Choice(best, note)
+    candidates = (
+        (
+            "the current counts still serve the rate",
+            [_pinned(g, current.get(g.name, 0)) for g in capped.gpus],
+        ),
+        (
+            "the current mix of types, resized",
+            [g if current.get(g.name, 0) > 0 else _without(g) for g in capped.gpus],
+        ),
+    )
+    for what, gpus in candidates:
+        kept = solver.solve_spec(capped.model_copy(update={"gpus": gpus}), rate)
+        if not kept.solved:
+            continue
+        assert kept.cost_per_hour is not None
+        assert best.cost_per_hour is not None
+        saving = kept.cost_per_hour - best.cost_per_hour
+        if saving > spec.min_savings * kept.cost_per_hour:
+            break  # the cheapest plan saves enough: take it
+        same = saving <= COST_TIE * max(kept.cost_per_hour, 1.0)
+        plan = replace(
+            kept,
+            status=best.status if same else "Feasible",
+            lower_bound=best.lower_bound,
+            baselines=best.baselines,
+        )
+        share = saving / kept.cost_per_hour if kept.cost_per_hour else 0.0
+        return Choice(
+            plan,
+            f"kept: {what} ({kept.cost_per_hour:.2f}/h); the cheapest plan "
+            f"({best.cost_per_hour:.2f}/h) would save {share:.1%}, not more than "
+            f"minSavings {spec.min_savings:.1%}",
+        )
+    return Choice(best, note)

@@ -1,0 +1,315 @@
+"""A real fleet's operations end to end: make-before-break, capacity caps and churn.
+
+Two node pools on the real API server: `small` (A: cheap, 10 req/s each) is a kind without a
+status (it counts as ready at once), `big` (B: 40 req/s each, cheaper per request) is a
+MachineDeployment, a kind with a status subresource: none of its replicas is ready until the test
+sets `status.readyReplicas`, as the pool's own controller would once nodes join. At 9 req/s the plan is one A; at 35 req/s one B.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from .kube import Kinds, Kube, eventually, reasons
+from .operator_process import OperatorProcess
+from .prometheus import MODEL, LoadEmitter, PriceExporter, PrometheusServer
+
+pytestmark = pytest.mark.e2e
+
+THROUGHPUT = {"A": 10.0, "B": 40.0}
+
+
+def spec(rate: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "buckets": {"inputTokens": [1, 100], "outputTokens": [1, 100]},
+        "workload": {"distribution": [[1]], "totalRate": rate},
+        "sliceFactor": 8,
+        "gpus": [
+            {
+                "name": "A",
+                "costPerHour": 1.0,
+                "throughput": [[THROUGHPUT["A"]]],
+                "scaleTargetRef": {
+                    "apiVersion": "test.melange.dev/v1",
+                    "kind": "NodePool",
+                    "name": "small",
+                },
+                "replicasPath": "/spec/size",
+            },
+            {
+                "name": "B",
+                "costPerHour": 3.0,
+                "throughput": [[THROUGHPUT["B"]]],
+                "scaleTargetRef": {
+                    "apiVersion": "cluster.x-k8s.io/v1beta1",
+                    "kind": "MachineDeployment",
+                    "name": "big",
+                },
+            },
+        ],
+        **extra,
+    }
+
+
+def create(kube: Kube, namespace: str, name: str, body: dict[str, Any]) -> None:
+    kube.create(
+        {
+            "apiVersion": "melange.dev/v1alpha1",
+            "kind": "MelangeAllocation",
+            "metadata": {"name": name},
+            "spec": body,
+        },
+        namespace,
+    )
+
+
+def set_rate(kube: Kube, namespace: str, name: str, rate: float) -> None:
+    kube.merge_patch(Kinds.allocation, name, namespace, {"spec": {"workload": {"totalRate": rate}}})
+
+
+def counts(kube: Kube, namespace: str) -> dict[str, int | None]:
+    return {
+        "A": kube.replicas(Kinds.node_pool, "small", namespace),
+        "B": kube.replicas(Kinds.machine_deployment, "big", namespace),
+    }
+
+
+class Sampler:
+    """Reads both pools every 0.2 s (and the B ready count the test set) in the background."""
+
+    def __init__(self, kube: Kube, namespace: str) -> None:
+        self.kube, self.namespace = kube, namespace
+        self.ready_b = 0
+        self.samples: list[tuple[float, dict[str, int | None], int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.monotonic(), counts(self.kube, self.namespace), self.ready_b))
+            self._stop.wait(0.2)
+
+    def mark_ready(self, ready: int) -> None:
+        self.kube.set_ready(Kinds.machine_deployment, "big", self.namespace, ready)
+        self.ready_b = ready
+
+    @contextmanager
+    def running(self) -> Iterator[Sampler]:
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join()
+
+
+def served(sample: dict[str, int | None], ready_b: int) -> float:
+    """Requests per second the ready fleet serves (A counts as ready at its count)."""
+    return (sample["A"] or 0) * THROUGHPUT["A"] + ready_b * THROUGHPUT["B"]
+
+
+def test_make_before_break_keeps_the_old_capacity_until_the_new_is_ready(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    kube.node_pool("small", namespace, 1)
+    kube.machine_deployment("big", namespace, 0)
+    create(kube, namespace, "mbb", spec(9, transition={"readyTimeoutSeconds": 600}))
+    kube.wait_condition("mbb", namespace, "Ready", "True", "Reconciled")
+    assert counts(kube, namespace) == {"A": 1, "B": 0}
+
+    sampler = Sampler(kube, namespace)
+    with sampler.running():
+        set_rate(kube, namespace, "mbb", 35)
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 1, "B": 1}))
+        waiting = kube.wait_condition("mbb", namespace, "Transitioning", "True", "WaitingForReady")
+        assert "B: plan 1, asked 1, ready 0" in waiting["message"]
+        assert "A: plan 0, asked 1" in waiting["message"]
+        assert (kube.condition("mbb", namespace, "Ready") or {}).get("reason") == "Transitioning"
+        time.sleep(8)  # more than one readiness check: A must still be there
+        assert counts(kube, namespace)["A"] == 1
+        marked = time.monotonic()
+        sampler.mark_ready(1)
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}), timeout=30)
+        kube.wait_condition("mbb", namespace, "Transitioning", "False", "AtPlan")
+        kube.wait_condition("mbb", namespace, "Ready", "True", "Reconciled")
+
+    removed = [t for t, sample, _ in sampler.samples if sample["A"] == 0]
+    assert removed
+    assert min(removed) > marked  # A went only after B was ready
+    # the ready fleet never served less than the smaller of the two plans' rates (9 and 35)
+    assert min(served(sample, ready) for _, sample, ready in sampler.samples) >= 9
+    targets = {t["name"]: t for t in kube.allocation("mbb", namespace)["status"]["targets"]}
+    assert targets["B"]["readyReplicas"] == 1
+    assert targets["B"]["plannedReplicas"] == 1
+
+
+def test_scale_down_goes_ahead_after_the_ready_timeout(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    kube.node_pool("small", namespace, 1)
+    kube.machine_deployment("big", namespace, 0)
+    create(kube, namespace, "slow", spec(9, transition={"readyTimeoutSeconds": 6}))
+    kube.wait_condition("slow", namespace, "Ready", "True", "Reconciled")
+    set_rate(kube, namespace, "slow", 35)
+    eventually(lambda: _assert(counts(kube, namespace) == {"A": 1, "B": 1}))
+    began = time.monotonic()
+    eventually(lambda: _assert(counts(kube, namespace)["A"] == 0), timeout=40)
+    assert time.monotonic() - began >= 4  # not before the timeout (less the polling slack)
+    # B never became ready: still transitioning, and not Ready
+    assert (kube.condition("slow", namespace, "Ready") or {}).get("status") == "False"
+
+
+def test_a_type_without_capacity_is_capped_and_its_traffic_moves(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    kube.node_pool("small", namespace, 0)
+    kube.machine_deployment("big", namespace, 0)
+    transition = {"capacityTimeoutSeconds": 3, "capacityRetrySeconds": 20}
+    create(kube, namespace, "short", spec(35, transition=transition))
+    eventually(lambda: _assert(counts(kube, namespace)["B"] == 1))
+    # B never becomes ready: capped at 0 (what is ready), the plan moves to four A
+    limited = kube.wait_condition("short", namespace, "CapacityLimited", "True", "CapacityShort")
+    assert "B is capped at 0" in limited["message"]
+    eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 0}), timeout=30)
+    status = kube.allocation("short", namespace)["status"]
+    assert [c["name"] for c in status["gpuCaps"]] == ["B"]
+    assert "CapacityShort" in reasons(kube.events(namespace, "short"))
+    # after the retry time B is asked for again (A stays until it is ready: make-before-break)
+    eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 1}), timeout=40)
+    assert "CapacityRetry" in reasons(kube.events(namespace, "short"))
+
+
+def test_a_new_mix_that_saves_less_than_min_savings_patches_nothing(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    kube.node_pool("small", namespace, 0)
+    kube.machine_deployment("big", namespace, 0)
+    create(kube, namespace, "calm", spec(35, minSavings=0.5))
+    kube.wait_condition("calm", namespace, "Ready", "True", "Reconciled")
+    assert counts(kube, namespace) == {"A": 0, "B": 1}
+    versions = (
+        kube.resource_version(Kinds.node_pool, "small", namespace),
+        kube.resource_version(Kinds.machine_deployment, "big", namespace),
+    )
+    # at 28 req/s three A cost what one B does: no saving, so nothing moves
+    set_rate(kube, namespace, "calm", 28)
+    solved = eventually(lambda: _solved_at(kube, namespace, "calm", 28))
+    assert "kept: the current counts still serve the rate" in solved["message"]
+    time.sleep(4)  # a resync or more
+    assert versions == (
+        kube.resource_version(Kinds.node_pool, "small", namespace),
+        kube.resource_version(Kinds.machine_deployment, "big", namespace),
+    )
+    # at 9 req/s one A (1/h) saves two thirds of 3/h: more than minSavings, so it moves
+    set_rate(kube, namespace, "calm", 9)
+    eventually(lambda: _assert(counts(kube, namespace) == {"A": 1, "B": 0}))
+
+
+def _solved_at(kube: Kube, namespace: str, name: str, rate: float) -> dict[str, Any]:
+    status = kube.allocation(name, namespace).get("status") or {}
+    assert status.get("solvedRate") == rate
+    solved = kube.condition(name, namespace, "Solved")
+    assert solved is not None
+    return solved
+
+
+def _assert(ok: bool) -> None:
+    assert ok
+
+
+# -- prices ---------------------------------------------------------------------------------------
+
+PRICE_QUERY = 'spot_price_per_hour{gpu="B"}'
+
+
+def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
+    kube: Kube,
+    namespace: str,
+    operator: OperatorProcess,
+    emitter: LoadEmitter,
+    tmp_path: Path,
+) -> None:
+    exporter = PriceExporter()
+    exporter.prices["B"] = 3.0
+    server = PrometheusServer(tmp_path / "prices", [emitter.address, exporter.address])
+    server.start()
+    try:
+        server.wait_for_value(PRICE_QUERY)
+        server.wait_for_value(f"sum(rate({emitter.metric_name}[4s]))")
+        kube.node_pool("small", namespace, 0)
+        kube.machine_deployment("big", namespace, 0)
+        body = spec(35)
+        body["gpus"][1]["costPerHourFrom"] = {"prometheusQuery": PRICE_QUERY}
+        body["rateSource"] = {
+            "prometheus": {"url": server.url, "modelName": MODEL, "rangeSeconds": 4},
+            "intervalSeconds": 5,
+        }
+        create(kube, namespace, "spot", body)
+        # at the emitter's 34 req/s: one B at 3/h beats four A at 4/h
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}))
+        observed = kube.wait_condition("spot", namespace, "PricesObserved", "True", "Observed")
+        assert "B 3/h" in observed["message"]
+
+        exporter.prices["B"] = 5.0  # a price step: four A (4/h) are now the cheaper
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 0}), timeout=40)
+        status = kube.allocation("spot", namespace)["status"]
+        shown = {p["name"]: p for p in status["prices"]}
+        assert shown["B"]["costPerHour"] == 5.0
+        assert shown["B"]["source"] == f"Prometheus {PRICE_QUERY}"
+        assert shown["A"] == {"name": "A", "costPerHour": 1.0, "source": "spec"}
+        assert "PriceChange" in reasons(kube.events(namespace, "spot"))
+
+        del exporter.prices["B"]  # the series goes stale: no price, the plan holds
+        kube.wait_condition("spot", namespace, "PricesObserved", "False", "NoData", timeout=40)
+        versions = (
+            kube.resource_version(Kinds.node_pool, "small", namespace),
+            kube.resource_version(Kinds.machine_deployment, "big", namespace),
+        )
+        time.sleep(12)  # two polls and more
+        assert versions == (
+            kube.resource_version(Kinds.node_pool, "small", namespace),
+            kube.resource_version(Kinds.machine_deployment, "big", namespace),
+        )
+        prices_now = {
+            p["name"]: p["costPerHour"]
+            for p in kube.allocation("spot", namespace)["status"]["prices"]
+        }
+        assert prices_now["B"] == 5.0  # the plan keeps the prices it was solved with
+
+        exporter.prices["B"] = 2.0  # back, and cheaper than ever: one B again
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}), timeout=40)
+    finally:
+        server.stop()
+        exporter.stop()
+
+
+def test_a_price_from_a_config_map_its_owner_opted_in(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    core = client.CoreV1Api(kube.api_client)
+    config_map = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="prices"), data={"b": "5.0"})
+    core.create_namespaced_config_map(namespace, config_map)
+    kube.node_pool("small", namespace, 0)
+    kube.machine_deployment("big", namespace, 0)
+    body = spec(35)
+    body["gpus"][1]["costPerHourFrom"] = {"configMapKeyRef": {"name": "prices", "key": "b"}}
+    create(kube, namespace, "listed", body)
+    # not labelled as a price source: not read, the spec's own price (3/h) plans one B
+    refused = kube.wait_condition(
+        "listed", namespace, "PricesObserved", "False", "PriceUnavailable"
+    )
+    assert "melange.dev/price-source=true" in refused["message"]
+    eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}))
+    core.patch_namespaced_config_map(
+        "prices", namespace, {"metadata": {"labels": {"melange.dev/price-source": "true"}}}
+    )
+    eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 0}), timeout=30)
+    kube.wait_condition("listed", namespace, "PricesObserved", "True", "Observed")

@@ -1,0 +1,243 @@
+"""Make-before-break, capacity in flight, step limits, capacity caps and churn (the pure parts)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from melange import api
+from melange.controller import choose, decide
+from melange.controller.transition import (
+    Capacity,
+    PoolReading,
+    StepLimits,
+    next_step,
+    update_capacity,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_without_make_before_break_every_pool_goes_to_the_plan_at_once() -> None:
+    pools = {"A": PoolReading(4, 4), "B": PoolReading(0, 0)}
+    step = next_step({"A": 0, "B": 3}, pools, make_before_break=False)
+    assert step.targets == {"A": 0, "B": 3}
+    assert not step.held
+
+
+def test_scale_down_waits_for_the_new_capacity_then_follows_it() -> None:
+    planned = {"A": 0, "B": 3}
+    first = next_step(
+        planned, {"A": PoolReading(4, 4), "B": PoolReading(0, 0)}, make_before_break=True
+    )
+    assert first.targets == {"A": 4, "B": 3}
+    assert first.held == ("A",)
+    assert first.waiting == ("B",)
+    # B asked for 3, two of them ready: A still waits
+    partly = next_step(
+        planned,
+        {"A": PoolReading(4, 4), "B": PoolReading(3, 2)},
+        make_before_break=True,
+        waited_seconds=60,
+        ready_timeout=600,
+    )
+    assert partly.targets == {"A": 4, "B": 3}
+    ready = next_step(
+        planned, {"A": PoolReading(4, 4), "B": PoolReading(3, 3)}, make_before_break=True
+    )
+    assert ready.targets == {"A": 0, "B": 3}
+    assert not ready.in_progress
+
+
+def test_scale_down_goes_ahead_after_the_ready_timeout() -> None:
+    step = next_step(
+        {"A": 0, "B": 3},
+        {"A": PoolReading(4, 4), "B": PoolReading(3, 0)},
+        make_before_break=True,
+        waited_seconds=600,
+        ready_timeout=600,
+    )
+    assert step.targets == {"A": 0, "B": 3}
+    assert step.timed_out
+
+
+def test_a_target_without_a_ready_count_counts_as_ready() -> None:
+    step = next_step(
+        {"A": 0, "B": 3},
+        {"A": PoolReading(4, None), "B": PoolReading(0, None)},
+        make_before_break=True,
+    )
+    assert step.targets == {"A": 0, "B": 3}
+
+
+def test_no_more_is_asked_of_a_type_whose_scale_up_is_in_flight() -> None:
+    step = next_step({"B": 6}, {"B": PoolReading(3, 1)}, make_before_break=True)
+    assert step.targets == {"B": 3}
+    assert step.pending == ("B",)
+    done = next_step({"B": 6}, {"B": PoolReading(3, 3)}, make_before_break=True)
+    assert done.targets == {"B": 6}
+
+
+def test_step_limits_move_one_step_per_interval() -> None:
+    limits = {"B": StepLimits(max_up=2, max_down=1, last_scale=None)}
+    pools = {"B": PoolReading(1, 1)}
+    step = next_step({"B": 6}, pools, make_before_break=False, limits=limits, now=T0, interval=30)
+    assert step.targets == {"B": 3}
+    assert step.limited == ("B",)
+    recent = {"B": StepLimits(max_up=2, last_scale=T0 - timedelta(seconds=10))}
+    held = next_step(
+        {"B": 6},
+        {"B": PoolReading(3, 3)},
+        make_before_break=False,
+        limits=recent,
+        now=T0,
+        interval=30,
+    )
+    assert held.targets == {"B": 3}
+    down = next_step(
+        {"B": 0},
+        {"B": PoolReading(3, 3)},
+        make_before_break=False,
+        limits=limits,
+        now=T0,
+        interval=30,
+    )
+    assert down.targets == {"B": 2}
+
+
+@given(
+    old=st.lists(st.integers(0, 6), min_size=2, max_size=4),
+    new=st.lists(st.integers(0, 6), min_size=4, max_size=4),
+    arrivals=st.lists(st.integers(0, 3), min_size=1, max_size=12),
+)
+def test_old_capacity_stays_until_the_new_is_ready(
+    old: list[int], new: list[int], arrivals: list[int]
+) -> None:
+    """Sampled at every step: either every pool still holds its old count, or every pool that
+    grows (or stays) is ready at its plan; so the ready fleet serves the old plan or the new."""
+    names = [f"g{k}" for k in range(len(old))]
+    planned = dict(zip(names, new, strict=False))
+    current = dict(zip(names, old, strict=False))
+    ready = dict(current)
+    for arrived in arrivals:
+        pools = {n: PoolReading(current[n], ready[n]) for n in names}
+        step = next_step(planned, pools, make_before_break=True, ready_timeout=10**9)
+        current = dict(step.targets)
+        ready = {
+            n: min(current[n], ready[n] + arrived) if current[n] > ready[n] else current[n]
+            for n in names
+        }
+        keeps_old = all(current[n] >= old[k] for k, n in enumerate(names))
+        new_ready = all(ready[n] >= planned[n] for n in names if planned[n] >= pools[n].current)
+        assert keeps_old or new_ready, (pools, step)
+
+
+def test_a_type_short_for_the_timeout_is_capped_then_retried() -> None:
+    pools = {"H100": PoolReading(4, 1), "L4": PoolReading(2, 2)}
+    first = update_capacity(Capacity(), pools, T0, timeout=300, retry=1800)
+    assert first.capacity.short_since == {"H100": T0}
+    assert not first.new_caps
+    later = T0 + timedelta(seconds=300)
+    capped = update_capacity(first.capacity, pools, later, timeout=300, retry=1800)
+    assert capped.new_caps == ("H100",)
+    assert capped.capacity.caps["H100"].replicas == 1
+    held = update_capacity(capped.capacity, {**pools, "H100": PoolReading(1, 1)}, later, 300, 1800)
+    assert held.capacity.caps["H100"].retry == later + timedelta(seconds=1800)
+    retried = update_capacity(
+        held.capacity, pools, later + timedelta(seconds=1800), timeout=300, retry=1800
+    )
+    assert retried.lifted == ("H100",)
+    assert "H100" not in retried.capacity.caps
+    assert "H100" not in retried.capacity.short_since  # a fresh timeout for the fresh ask
+
+
+def test_no_cap_without_a_capacity_timeout() -> None:
+    pools = {"H100": PoolReading(4, 0)}
+    change = update_capacity(Capacity({"H100": T0}), pools, T0 + timedelta(days=1), None, 60)
+    assert not change.capacity.caps
+
+
+def test_caps_round_trip_through_the_status_and_lower_max_replicas() -> None:
+    pools = {"H100": PoolReading(4, 1)}
+    capped = update_capacity(Capacity({"H100": T0}), pools, T0 + timedelta(hours=1), 60, 600)
+    status = {"gpuCaps": decide.caps_status(capped.capacity.caps)}
+    assert decide.caps_from_status(status) == capped.capacity.caps
+    spec = _spec(30.0)
+    limited = decide.capped_spec(spec, {"B": capped.capacity.caps["H100"]})
+    assert [g.max_replicas for g in limited.gpus] == [None, 1]
+
+
+# -- churn ----------------------------------------------------------------------------------------
+
+
+def _used(replicas: dict[str, int]) -> dict[str, int]:
+    return {name: count for name, count in replicas.items() if count}
+
+
+def _spec(rate: float, min_savings: float | None = None) -> api.AllocationSpec:
+    """One bucket; B is the cheaper per request, A the finer grained."""
+    raw: dict[str, Any] = {
+        "buckets": {"inputTokens": [1, 100], "outputTokens": [1, 100]},
+        "workload": {"distribution": [[1.0]], "totalRate": rate},
+        "sliceFactor": 8,
+        "gpus": [
+            {"name": "A", "costPerHour": 1.0, "throughput": [[10.0]]},
+            {"name": "B", "costPerHour": 3.0, "throughput": [[40.0]]},
+        ],
+    }
+    if min_savings is not None:
+        raw["minSavings"] = min_savings
+    return api.validate_spec(raw)
+
+
+def test_the_current_counts_are_kept_when_the_cheapest_plan_saves_too_little() -> None:
+    spec = _spec(35.0, min_savings=0.5)
+    now = choose.choose_plan(spec, 35.0).plan.replicas()
+    assert _used(now) == {"B": 1}
+    # at 9 req/s one A (1/h) would do, a saving of 67% of B's 3/h: more than 50%, so it moves
+    moved = choose.choose_plan(spec, 9.0, current=now)
+    assert _used(moved.plan.replicas()) == {"A": 1}
+    assert moved.note is None
+    # at 28 req/s three A (3/h) cost as much as one B: nothing to save, nothing moves
+    kept = choose.choose_plan(spec, 28.0, current=now)
+    assert _used(kept.plan.replicas()) == {"B": 1}
+    assert kept.note is not None
+    assert "current counts" in kept.note
+
+
+def test_a_saving_below_min_savings_keeps_the_counts_and_says_feasible() -> None:
+    spec = _spec(35.0, min_savings=0.7)
+    kept = choose.choose_plan(spec, 9.0, current={"A": 0, "B": 1})
+    assert _used(kept.plan.replicas()) == {"B": 1}
+    assert kept.plan.status == "Feasible"  # dearer than the proven optimum: not Optimal
+    best = choose.choose_plan(_spec(35.0), 9.0)
+    assert kept.plan.lower_bound == best.plan.lower_bound
+
+
+def test_without_min_savings_the_cheapest_plan_is_taken() -> None:
+    spec = _spec(35.0)
+    assert _used(choose.choose_plan(spec, 9.0, current={"B": 1}).plan.replicas()) == {"A": 1}
+
+
+def test_more_traffic_than_the_counts_serve_resizes_the_current_mix() -> None:
+    spec = _spec(35.0, min_savings=0.5)
+    grown = choose.choose_plan(spec, 70.0, current={"A": 0, "B": 1})
+    assert _used(grown.plan.replicas()) == {"B": 2}
+
+
+def test_a_plan_outside_the_caps_falls_back_to_the_full_counts() -> None:
+    spec = _spec(35.0)
+    caps = update_capacity(
+        Capacity({"A": T0, "B": T0}),
+        {"A": PoolReading(1, 0), "B": PoolReading(1, 0)},
+        T0 + timedelta(hours=1),
+        60,
+        600,
+    ).capacity.caps
+    choice = choose.choose_plan(spec, 35.0, caps=caps)
+    assert choice.plan.solved
+    assert choice.note is not None
+    assert "caps" in choice.note
