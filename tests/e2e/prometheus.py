@@ -195,21 +195,19 @@ class PrometheusServer:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-class PriceExporter:
-    """A spot-price exporter in this process: `spot_price_per_hour{gpu=...}` in Prometheus' text
-    format over real HTTP, for the prices the test sets (a type without one has no series)."""
+class GaugeExporter:
+    """An exporter in this process serving the gauges the test sets, in Prometheus' text format
+    over real HTTP: `values` maps a series (`name{label="value"}`) to its value; a series not in
+    it is not exposed (so Prometheus marks it stale)."""
 
     def __init__(self) -> None:
-        self.prices: dict[str, float] = {}
+        self.values: dict[str, float] = {}
         exporter = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
-                lines = [
-                    f'spot_price_per_hour{{gpu="{gpu}"}} {price}'
-                    for gpu, price in sorted(exporter.prices.items())
-                ]
-                body = ("\n".join(["# TYPE spot_price_per_hour gauge", *lines]) + "\n").encode()
+                lines = [f"{series} {value}" for series, value in sorted(exporter.values.items())]
+                body = ("\n".join(lines) + "\n").encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4")
                 self.send_header("Content-Length", str(len(body)))

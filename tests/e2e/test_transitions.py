@@ -18,9 +18,11 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from tests.controlplane.harness import ControlPlane
+
 from .kube import Kinds, Kube, eventually, reasons
-from .operator_process import OperatorProcess
-from .prometheus import MODEL, LoadEmitter, PriceExporter, PrometheusServer
+from .operator_process import RESYNC_SECONDS, OperatorProcess
+from .prometheus import MODEL, GaugeExporter, LoadEmitter, PrometheusServer
 
 pytestmark = pytest.mark.e2e
 
@@ -237,8 +239,8 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
     emitter: LoadEmitter,
     tmp_path: Path,
 ) -> None:
-    exporter = PriceExporter()
-    exporter.prices["B"] = 3.0
+    exporter = GaugeExporter()
+    exporter.values[PRICE_QUERY] = 3.0
     server = PrometheusServer(tmp_path / "prices", [emitter.address, exporter.address])
     server.start()
     try:
@@ -258,7 +260,7 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
         observed = kube.wait_condition("spot", namespace, "PricesObserved", "True", "Observed")
         assert "B 3/h" in observed["message"]
 
-        exporter.prices["B"] = 5.0  # a price step: four A (4/h) are now the cheaper
+        exporter.values[PRICE_QUERY] = 5.0  # a price step: four A (4/h) are now the cheaper
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 0}), timeout=40)
         status = kube.allocation("spot", namespace)["status"]
         shown = {p["name"]: p for p in status["prices"]}
@@ -267,7 +269,7 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
         assert shown["A"] == {"name": "A", "costPerHour": 1.0, "source": "spec"}
         assert "PriceChange" in reasons(kube.events(namespace, "spot"))
 
-        del exporter.prices["B"]  # the series goes stale: no price, the plan holds
+        del exporter.values[PRICE_QUERY]  # the series goes stale: no price, the plan holds
         kube.wait_condition("spot", namespace, "PricesObserved", "False", "NoData", timeout=40)
         versions = (
             kube.resource_version(Kinds.node_pool, "small", namespace),
@@ -284,7 +286,7 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
         }
         assert prices_now["B"] == 5.0  # the plan keeps the prices it was solved with
 
-        exporter.prices["B"] = 2.0  # back, and cheaper than ever: one B again
+        exporter.values[PRICE_QUERY] = 2.0  # back, and cheaper than ever: one B again
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}), timeout=40)
     finally:
         server.stop()
@@ -313,3 +315,127 @@ def test_a_price_from_a_config_map_its_owner_opted_in(
     )
     eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 0}), timeout=30)
     kube.wait_condition("listed", namespace, "PricesObserved", "True", "Observed")
+
+
+# -- a budget shared by allocations ---------------------------------------------------------------
+
+
+def test_a_shared_budget_is_never_exceeded(
+    control_plane: ControlPlane, kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    """Three allocations each plan two B at 80 req/s; the cluster allows five B in all."""
+    operator = OperatorProcess(
+        control_plane,
+        namespace,
+        tmp_path,
+        extra_args=("--resync-seconds", str(RESYNC_SECONDS), "--gpu-budget", "B=5"),
+    )
+    names = ("one", "two", "three")
+    for name in names:
+        kube.node_pool(f"small-{name}", namespace, 0)
+        kube.machine_deployment(f"big-{name}", namespace, 0)
+    total_b: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            total_b.append(
+                sum(
+                    kube.replicas(Kinds.machine_deployment, f"big-{name}", namespace) or 0
+                    for name in names
+                )
+            )
+            stop.wait(0.1)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    operator.start()
+    try:
+        for name in names:
+            body = spec(80)
+            body["gpus"][0]["scaleTargetRef"]["name"] = f"small-{name}"
+            body["gpus"][1]["scaleTargetRef"]["name"] = f"big-{name}"
+            create(kube, namespace, name, body)
+        for name in names:
+            kube.wait_condition(name, namespace, "Ready", "True", "Reconciled")
+        limited = [
+            name
+            for name in names
+            if (kube.condition(name, namespace, "BudgetLimited") or {}).get("status") == "True"
+        ]
+        assert len(limited) == 1, limited  # two got their two B, the third what was left
+        message = (kube.condition(limited[0], namespace, "BudgetLimited") or {})["message"]
+        assert "B: the plan would use 2, the cluster budget of 5 leaves 1" in message
+        held = {
+            name: kube.replicas(Kinds.machine_deployment, f"big-{name}", namespace) or 0
+            for name in names
+        }
+        assert sorted(held.values()) == [1, 2, 2]
+        # the one short of B serves its traffic with A instead: 40 req/s on B, 40 on four A
+        assert kube.replicas(Kinds.node_pool, f"small-{limited[0]}", namespace) == 4
+        # one of the others needs less: the B it gives back goes to the one that was short
+        lower = next(name for name in names if name not in limited)
+        set_rate(kube, namespace, lower, 9)
+        kube.wait_condition(limited[0], namespace, "BudgetLimited", "False", "WithinBudget")
+        eventually(
+            lambda: _assert(
+                kube.replicas(Kinds.machine_deployment, f"big-{limited[0]}", namespace) == 2
+            )
+        )
+        time.sleep(3)
+    finally:
+        stop.set()
+        sampler.join()
+        operator.stop()
+    assert total_b
+    assert max(total_b) <= 5, max(total_b)
+
+
+# -- scale from zero ------------------------------------------------------------------------------
+
+PENDING = "gateway_pending_requests"
+
+
+def test_requests_waiting_wake_an_allocation_at_zero(
+    kube: Kube,
+    namespace: str,
+    operator: OperatorProcess,
+    emitter: LoadEmitter,
+    tmp_path: Path,
+) -> None:
+    emitter.set_rate(0)
+    exporter = GaugeExporter()
+    exporter.values[PENDING] = 0
+    server = PrometheusServer(tmp_path / "activation", [emitter.address, exporter.address])
+    server.start()
+    try:
+        server.wait_for_value(f"{PENDING} + 1")  # scraped (at 0)
+        kube.node_pool("small", namespace, 0)
+        kube.machine_deployment("big", namespace, 0)
+        body = spec(35)
+        body["rateSource"] = {
+            "prometheus": {
+                "url": server.url,
+                "modelName": MODEL,
+                "rangeSeconds": 4,
+                "activationQuery": PENDING,
+            },
+            "intervalSeconds": 5,
+            "scaleDownStabilizationSeconds": 0,
+        }
+        create(kube, namespace, "idle", body)
+        # no traffic, nobody waiting: nothing runs
+        eventually(lambda: _solved_at(kube, namespace, "idle", 0), timeout=40)
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 0}))
+
+        exporter.values[PENDING] = 3  # requests wait at the gateway
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}), timeout=30)
+        solved = kube.condition("idle", namespace, "Solved") or {}
+        assert "requests wait (the activation query reads 3)" in solved["message"]
+        assert kube.allocation("idle", namespace)["status"]["activationValue"] == 3
+
+        exporter.values[PENDING] = 0  # served, and still no traffic: back to zero
+        eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 0}), timeout=30)
+    finally:
+        server.stop()
+        exporter.stop()

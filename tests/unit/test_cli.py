@@ -431,6 +431,22 @@ def test_numeric_options_must_be_finite(args: list[str], option: str) -> None:
     assert result.stderr == f"error: {option}: must be a finite number, got {args[-1]}\n"
 
 
+@pytest.mark.parametrize("value", ["H100", "H100=", "H100=-1", "H100=two", "=4", "H 100=4"])
+def test_a_gpu_budget_is_a_name_and_a_count(value: str) -> None:
+    result = run("run", "--gpu-budget", value, stdin="")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (
+        f"error: --gpu-budget {value}: expected GPU=COUNT, a gpus[].name and a whole number of "
+        "replicas, e.g. H100=40\n"
+    )
+
+
+def test_a_gpu_budget_is_given_once_per_type() -> None:
+    result = run("run", "--gpu-budget", "H100=4", "--gpu-budget", "H100=5", stdin="")
+    assert result.returncode == 2
+    assert result.stderr == "error: --gpu-budget H100=5: H100 has a budget already\n"
+
+
 def test_inputs_that_are_not_files_are_refused(tmp_path: Path) -> None:
     """A device or a pipe as LOG, endless input as a profile, bytes that are not text: exit 2 with
     one line naming the input, never a crash or a hang."""

@@ -10,7 +10,7 @@ import pytest
 
 from melange import api
 from melange.signals import prices
-from melange.signals.rates import InvalidValue, NoData, QueryFailed
+from melange.signals.rates import InvalidValue, NoData, QueryFailed, RateError
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 SOURCE = "Prometheus spot"
@@ -91,7 +91,7 @@ def test_a_move_beyond_the_tolerance_re_solves_a_smaller_one_does_not() -> None:
 
 def test_a_missing_price_holds_every_price() -> None:
     current = {"B": prices.Price(3.0, SOURCE, NOW), "C": prices.Price(2.0, "Prometheus c")}
-    read = {"B": 9.0, "C": NoData("no series")}
+    read: dict[str, float | RateError] = {"B": 9.0, "C": NoData("no series")}
     held = prices.decide(current, read, 0.05, NOW, {"B": SOURCE, "C": "Prometheus c"})
     assert not held.changed
     assert held.prices == current

@@ -241,3 +241,29 @@ def test_a_plan_outside_the_caps_falls_back_to_the_full_counts() -> None:
     assert choice.plan.solved
     assert choice.note is not None
     assert "caps" in choice.note
+
+
+# -- shared budgets -------------------------------------------------------------------------------
+
+
+def test_a_plan_over_what_the_budget_leaves_is_solved_within_it() -> None:
+    spec = _spec(80.0)
+    free = choose.choose_plan(spec, 80.0, budgets={"B": 2})
+    assert _used(free.plan.replicas()) == {"B": 2}
+    assert free.over_budget == {}
+    short = choose.choose_plan(spec, 80.0, budgets={"B": 1})
+    assert _used(short.plan.replicas()) == {"A": 4, "B": 1}
+    assert short.over_budget == {"B": (2, 1)}
+    condition = decide.budget_condition(short.over_budget, {"B": 5})
+    assert condition.status == "True"
+    assert "the cluster budget of 5 leaves 1" in condition.message
+
+
+def test_no_plan_within_the_budget_is_an_answer_with_the_reason() -> None:
+    raw = _spec(80.0).model_dump(by_alias=True, exclude_none=True)
+    raw["gpus"][0]["maxReplicas"] = 2
+    spec = api.validate_spec(raw)
+    choice = choose.choose_plan(spec, 80.0, budgets={"B": 0})
+    assert not choice.plan.solved
+    assert choice.plan.reason is not None
+    assert "no plan fits within the cluster's GPU budgets (B has 0 left)" in choice.plan.reason

@@ -20,6 +20,7 @@ RATE_OBSERVED = "RateObserved"
 DISTRIBUTION_OBSERVED = "DistributionObserved"
 TRANSITIONING = "Transitioning"
 CAPACITY_LIMITED = "CapacityLimited"
+BUDGET_LIMITED = "BudgetLimited"
 PRICES_OBSERVED = "PricesObserved"
 ORDER = (
     READY,
@@ -27,6 +28,7 @@ ORDER = (
     SCALED,
     TRANSITIONING,
     CAPACITY_LIMITED,
+    BUDGET_LIMITED,
     RATE_OBSERVED,
     DISTRIBUTION_OBSERVED,
     PRICES_OBSERVED,

@@ -177,6 +177,11 @@ class PrometheusSource(_Model):
     range_seconds: Integer | None = Field(default=None, alias="rangeSeconds", ge=1, le=86400)
     bearer_token_secret_ref: SecretKeyRef | None = Field(default=None, alias="bearerTokenSecretRef")
     ca_config_map_ref: SecretKeyRef | None = Field(default=None, alias="caConfigMapRef")
+    # Scale from zero: while this reads above 0 (e.g. a gateway's pending requests) and the
+    # observed rate plans no replica at all, the plan is solved for workload.totalRate.
+    activation_query: str | None = Field(
+        default=None, alias="activationQuery", min_length=1, max_length=4096
+    )
 
 
 class RateSource(_Model):

@@ -56,6 +56,15 @@ from melange.cli.version import installed_version
     "in-cluster Service (*.svc, *.svc.cluster.local).",
 )
 @click.option(
+    "--gpu-budget",
+    "gpu_budgets",
+    metavar="GPU=COUNT",
+    multiple=True,
+    help="At most COUNT replicas of the GPU type named GPU (gpus[].name) for all allocations "
+    "together, e.g. H100=40 (repeatable). Allocations are solved within what the others leave; "
+    "one that gets less than its plan would use says so (BudgetLimited).",
+)
+@click.option(
     "--resync-seconds",
     type=click.FloatRange(1, 3600),
     default=30,
@@ -99,6 +108,7 @@ def run(
     identity: str | None,
     cluster_scoped: tuple[str, ...],
     prometheus_urls: tuple[str, ...],
+    gpu_budgets: tuple[str, ...],
     resync_seconds: float,
     liveness: str | None,
     kubeconfig: str | None,
@@ -146,6 +156,9 @@ def run(
         prefixes = tuple(parse_prefix(prefix) for prefix in prometheus_urls)
     except ValueError as exc:
         fail([str(exc)], 2)
+    budgets, budget_errors = parse_budgets(gpu_budgets)
+    if budget_errors:
+        fail(budget_errors, 2)
     settings = RunSettings(
         identity=identity or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or "melange",
         lease_namespace=lease_namespace
@@ -159,6 +172,7 @@ def run(
             resync_seconds=resync_seconds,
             allow_cluster_scoped=frozenset(cluster_scoped),
             allow_prometheus_urls=prefixes,
+            gpu_budgets=budgets,
         ),
     )
 
@@ -184,3 +198,25 @@ def run(
         )
     except ProbeError as exc:
         fail([str(exc)], 2)
+
+
+def parse_budgets(values: tuple[str, ...]) -> tuple[dict[str, int], list[str]]:
+    """`--gpu-budget GPU=COUNT` values as a mapping, and one error line per bad value."""
+    import re
+
+    budgets: dict[str, int] = {}
+    errors = []
+    for value in values:
+        name, _, count = value.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", name) or not (
+            count.isdigit() and int(count) <= 1_000_000
+        ):
+            errors.append(
+                f"--gpu-budget {value}: expected GPU=COUNT, a gpus[].name and a whole number "
+                "of replicas, e.g. H100=40"
+            )
+        elif name in budgets:
+            errors.append(f"--gpu-budget {value}: {name} has a budget already")
+        else:
+            budgets[name] = int(count)
+    return budgets, errors

@@ -12,7 +12,7 @@ The kept plan is `Optimal` only when it costs no more than the proven optimum; o
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from melange.api import AllocationSpec, GpuType
 from melange.controller import decide
@@ -27,6 +27,8 @@ COST_TIE = 1e-9  # relative: costs this close are the same cost
 class Choice:
     plan: Plan
     note: str | None = None  # why the plan is not simply the cheapest one
+    # per type short of its cluster budget: (what the plan would use, what the budget leaves)
+    over_budget: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def _pinned(gpu: GpuType, count: int) -> GpuType:
@@ -47,21 +49,34 @@ def choose_plan(
     rate: float | None,
     caps: Mapping[str, Cap] | None = None,
     current: Mapping[str, int] | None = None,
+    budgets: Mapping[str, int] | None = None,
 ) -> Choice:
-    """The plan to act on for this rate, given the caps in force and the counts running now."""
+    """The plan to act on for this rate, given the caps in force, the counts running now and
+    what the cluster's budgets leave this allocation (`budgets`: per type, a hard limit)."""
     capped = decide.capped_spec(spec, caps or {})
     best = solver.solve_spec(capped, rate)
     note = None
     if caps and not best.solved:
         uncapped = solver.solve_spec(spec, rate)
         if uncapped.solved:
-            best = uncapped
+            best, capped = uncapped, spec
             note = "no plan fits within the capacity caps, so the full counts are asked for"
+    over: dict[str, tuple[int, int]] = {}
+    if budgets and best.solved:
+        wanted = decide.desired_replicas(capped, best)
+        over = {n: (wanted[n], left) for n, left in budgets.items() if wanted.get(n, 0) > left}
+        if over:
+            capped = decide.budgeted_spec(capped, budgets)
+            best = solver.solve_spec(capped, rate)
+            if not best.solved:
+                shown = ", ".join(f"{n} has {left} left" for n, (_, left) in over.items())
+                reason = f"no plan fits within the cluster's GPU budgets ({shown}); {best.reason}"
+                return Choice(replace(best, reason=reason), note, over)
     if spec.min_savings is None or not current or not best.solved:
-        return Choice(best, note)
+        return Choice(best, note, over)
     desired = decide.desired_replicas(capped, best)
     if all(current.get(name, 0) == count for name, count in desired.items()):
-        return Choice(best, note)
+        return Choice(best, note, over)
     candidates = (
         (
             "the current counts still serve the rate",
@@ -94,5 +109,6 @@ def choose_plan(
             f"kept: {what} ({kept.cost_per_hour:.2f}/h); the cheapest plan "
             f"({best.cost_per_hour:.2f}/h) would save {share:.1%}, not more than "
             f"minSavings {spec.min_savings:.1%}",
+            over,
         )
-    return Choice(best, note)
+    return Choice(best, note, over)

@@ -14,6 +14,7 @@ from typing import Any
 
 from melange.api import AllocationSpec, FieldError, GpuType, RateSource
 from melange.api.conditions import (
+    BUDGET_LIMITED,
     CAPACITY_LIMITED,
     DISTRIBUTION_OBSERVED,
     PRICES_OBSERVED,
@@ -230,6 +231,14 @@ def solved_condition(plan: Plan, note: str | None = None) -> Condition:
         f"(lower bound {plan.lower_bound or 0:.2f}/h, gap {gap:.1%})"
         + (f"; {note}" if note else ""),
     )
+
+
+def activation_note(value: float | None, rate: float, note: str | None) -> str:
+    woken = (
+        f"requests wait (the activation query reads {value or 0:g}) and the observed rate plans "
+        f"no replica: planned for workload.totalRate, {rate:g} req/s"
+    )
+    return f"{woken}; {note}" if note else woken
 
 
 def planned_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
@@ -576,3 +585,46 @@ def prices_condition(decision: PriceDecision, read: Mapping[str, float | RateErr
         )
     shown = ", ".join(f"{name} {value:g}/h" for name, value in read.items())
     return Condition(PRICES_OBSERVED, "True", "Observed", f"prices read: {shown}")
+
+
+# -- shared budgets -------------------------------------------------------------------------------
+
+
+def budgeted_spec(spec: AllocationSpec, budgets: Mapping[str, int]) -> AllocationSpec:
+    """The spec with each budgeted type's maxReplicas (and minReplicas) at most what is left."""
+    gpus = []
+    for gpu in spec.gpus:
+        left = budgets.get(gpu.name)
+        if left is None:
+            gpus.append(gpu)
+            continue
+        high = left if gpu.max_replicas is None else min(gpu.max_replicas, left)
+        gpus.append(
+            gpu.model_copy(
+                update={"max_replicas": high, "min_replicas": min(gpu.min_replicas, high)}
+            )
+        )
+    return spec.model_copy(update={"gpus": gpus})
+
+
+def asked_counts(status: Mapping[str, Any]) -> dict[str, int]:
+    """Per type, the replicas an allocation holds: the count asked for, or seen when higher."""
+    return {name: max(r.desired, r.observed) for name, r in pool_records(status).items()}
+
+
+def budget_condition(over: Mapping[str, tuple[int, int]], budgets: Mapping[str, int]) -> Condition:
+    if not over:
+        return Condition(
+            BUDGET_LIMITED,
+            "False",
+            "WithinBudget",
+            "the plan fits within the cluster's GPU budgets",
+        )
+    message = "; ".join(
+        f"{name}: the plan would use {wanted}, the cluster budget of {budgets[name]} leaves "
+        f"{left} (the other allocations hold the rest)"
+        for name, (wanted, left) in over.items()
+    )
+    return Condition(
+        BUDGET_LIMITED, "True", "ClusterBudget", f"{message}; solved within what is left"
+    )

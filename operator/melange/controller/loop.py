@@ -57,6 +57,7 @@ SOLVE_TRIGGERS = {
     "RateDrift": "rate_drift",
     "DistributionDrift": "distribution_drift",
     "PriceChange": "price_change",
+    "Activation": "activation",
 }
 
 
@@ -99,6 +100,9 @@ class Controller:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(MAX_CONCURRENT)
+        # per allocation and GPU type, the replicas it holds (for the cluster's GPU budgets)
+        self.asked: dict[Key, dict[str, int]] = {}
+        self._budget_lock = asyncio.Lock()
 
     # -- life cycle
 
@@ -190,7 +194,36 @@ class Controller:
             if task is None or task.done():
                 self.forget(key)
 
+    @staticmethod
+    def _activated(spec: api.AllocationSpec, state: AllocationState, plan: Plan) -> bool:
+        """Requests wait (the activation query reads above 0) and the plan has no replica: wake
+        the allocation at the rate it was written for."""
+        source = spec.rate_source
+        return (
+            source is not None
+            and source.prometheus.activation_query is not None
+            and (state.rate.activation or 0.0) > 0
+            and plan.solved
+            and not any(g.replicas for g in plan.gpus)
+            and spec.workload.total_rate > 0
+        )
+
+    def _budget_left(self, key: Key, spec: api.AllocationSpec) -> dict[str, int]:
+        """Per budgeted type of this allocation, what the others leave of the cluster's budget."""
+        budgets = self.settings.gpu_budgets
+        used = {g.name: 0 for g in spec.gpus if g.name in budgets}
+        for other, body in list(self.bodies.items()):
+            if other == key:
+                continue
+            held = self.asked.get(other)
+            if held is None:  # not reconciled by this replica yet: what its status says it holds
+                held = decide.asked_counts(body.get("status") or {})
+            for name in used:
+                used[name] += held.get(name, 0)
+        return {name: max(budgets[name] - count, 0) for name, count in used.items()}
+
     def forget(self, key: Key) -> None:
+        self.asked.pop(key, None)
         state = self.states.pop(key, None)
         if state is not None:
             gpus = [
@@ -309,21 +342,52 @@ class Controller:
         if follows and state.rate.distribution_condition is not None:
             work.updates.append(state.rate.distribution_condition)
 
-        plan = await self._solve(key, spec, state, work, rate, matrix, reason, now, generation)
-        if priced is not None and plan.solved:
-            work.status["prices"] = prices.to_status(priced.prices)
-        if not plan.solved:
-            log.warning("[%s/%s] No feasible plan, node pools left as they are", *key)
-            metrics.record_error(namespace, name, plan.status)
-            work.updates = decide.infeasible_conditions(plan) + work.updates
-            await self._finish(key, body, state, work, generation, now, trigger)
-            return
-        desired = decide.desired_replicas(spec, plan)
-        result = await self.pools.scale(
-            key, body, spec, desired, reason, work, now, _interval(raw, self.settings)
-        )
+        budgeted = any(g.name in self.settings.gpu_budgets for g in spec.gpus)
+        if not budgeted:
+            work.dropped.append(conditions.BUDGET_LIMITED)
+        # Allocations that share a budget plan and scale one at a time, each within what the
+        # others hold, so that together they never ask for more than the budget.
+        async with self._budget_lock if budgeted else contextlib.nullcontext():
+            left = self._budget_left(key, spec) if budgeted else None
+            plan = await self._solve(
+                key, spec, state, work, rate, matrix, reason, now, generation, left
+            )
+            woken = self._activated(spec, state, plan)
+            if woken:
+                plan = await self._solve(
+                    key,
+                    spec,
+                    state,
+                    work,
+                    spec.workload.total_rate,
+                    matrix,
+                    "Activation",
+                    now,
+                    generation,
+                    left,
+                )
+            if budgeted and left is not None:
+                over = state.choice.over_budget if state.choice is not None else {}
+                work.updates.append(decide.budget_condition(over, self.settings.gpu_budgets))
+            if priced is not None and plan.solved:
+                work.status["prices"] = prices.to_status(priced.prices)
+            if not plan.solved:
+                log.warning("[%s/%s] No feasible plan, node pools left as they are", *key)
+                metrics.record_error(namespace, name, plan.status)
+                work.updates = decide.infeasible_conditions(plan) + work.updates
+                await self._finish(key, body, state, work, generation, now, trigger)
+                return
+            desired = decide.desired_replicas(spec, plan)
+            result = await self.pools.scale(
+                key, body, spec, desired, reason, work, now, _interval(raw, self.settings)
+            )
+            if budgeted:
+                self.asked[key] = {} if spec.dry_run else decide.asked_counts(work.status)
         scaled = result.scaled
-        solved = decide.solved_condition(plan, state.note)
+        note = state.choice.note if state.choice else None
+        if woken:
+            note = decide.activation_note(state.rate.activation, spec.workload.total_rate, note)
+        solved = decide.solved_condition(plan, note)
         work.updates = [*decide.with_ready([solved, scaled]), *result.conditions, *work.updates]
         if spec.transition is None:
             work.dropped.append(conditions.TRANSITIONING)
@@ -350,6 +414,7 @@ class Controller:
         reason: str,
         now: datetime,
         generation: int,
+        budgets: Mapping[str, int] | None = None,
     ) -> Plan:
         """The plan for this spec, rate and distribution: solved again only when one changed."""
         fitted = distribution.fitting(matrix, spec.buckets) if matrix is not None else None
@@ -371,13 +436,14 @@ class Controller:
             fitted,
             tuple(sorted((n, c.replicas) for n, c in caps.items())),
             tuple(g.cost_per_hour for g in spec.gpus),
+            tuple(sorted((budgets or {}).items())),
         )
         if state.solved is not None and state.solved[0] == inputs:
             return state.solved[1]
-        choice = await asyncio.to_thread(choose.choose_plan, spec, rate, caps, current)
+        choice = await asyncio.to_thread(choose.choose_plan, spec, rate, caps, current, budgets)
         plan = choice.plan
         state.solved = (inputs, plan)
-        state.note = choice.note
+        state.choice = choice
         metrics.record_plan(*key, plan, SOLVE_TRIGGERS[reason])
         metrics.record_saving(*key, plan)
         state.rate.solved_rate = plan.total_rate

@@ -47,6 +47,7 @@ class Observer:
         source = spec.rate_source
         assert source is not None
         observation: Observation | RateError | None = None
+        activation: asyncio.Task[float | None] | None = None
         observed: float | None = None
         error: RateError | None = None
         try:
@@ -58,6 +59,7 @@ class Observer:
             if refused is not None:  # checked before any credential is read
                 raise URLNotAllowed(refused)
             token, ca = await asyncio.to_thread(self.kube.credentials, namespace, source.prometheus)
+            activation = asyncio.create_task(self._activation(source, token, ca))
             observed, observation = await asyncio.gather(
                 self.prometheus.query_rate(
                     source.prometheus.url,
@@ -71,6 +73,8 @@ class Observer:
             )
         except RateError as exc:
             error = exc
+        state.rate.activation = await activation if activation is not None else None
+        work.status["activationValue"] = state.rate.activation
         metrics.record_rate_query(
             namespace, name, "ok" if error is None else error.reason, observed
         )
@@ -271,3 +275,23 @@ class Observer:
             return prices.parse_price_response(status, body, url, content_type=kind)
         except RateError as exc:
             raise type(exc)(f"{what}: {exc.message}") from None
+
+    async def _activation(
+        self, source: api.RateSource, token: str | None, ca: str | None
+    ) -> float | None:
+        """What the activation query reads; None when there is none or it fails (a failure never
+        wakes an allocation: missing data moves no pool)."""
+        query = source.prometheus.activation_query
+        if query is None:
+            return None
+        try:
+            return await self.prometheus.query_rate(
+                source.prometheus.url,
+                query,
+                bearer_token=token,
+                ca_pem=ca,
+                timeout=decide.query_timeout(source),
+            )
+        except RateError as exc:
+            log.warning("The activation query failed (%s): %s", exc.reason, exc.message)
+            return None

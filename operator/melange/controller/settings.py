@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from melange.controller.urls import Prefix
@@ -19,6 +20,8 @@ class Settings:
     # URL prefixes rate sources may query (`--allow-prometheus-url`); empty: `controller.urls`'
     # default (any URL, and a bearer token only to an in-cluster Service)
     allow_prometheus_urls: tuple[Prefix, ...] = ()
+    # per gpus[].name, the most replicas all allocations together may ask for (`--gpu-budget`)
+    gpu_budgets: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

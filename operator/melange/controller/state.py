@@ -83,6 +83,7 @@ class RateState:
     # gap: the first observation after it continues the run only if it follows the last in time.
     observed_since: datetime | None = None
     last_observed: datetime | None = None
+    activation: float | None = None  # what rateSource.prometheus.activationQuery last read
 
     @classmethod
     def from_status(cls, status: Mapping[str, Any]) -> RateState:
@@ -128,7 +129,7 @@ class AllocationState:
     polled_source: Any = None
     # ((generation, rate, distribution, caps) it was solved for, the plan)
     solved: tuple[tuple[Any, ...], Plan] | None = None
-    note: str | None = None  # why the plan acted on is not simply the cheapest (minSavings, caps)
+    choice: Any = None  # the last `choose.Choice`: why the plan acted on is what it is
     prices_condition: Condition | None = None  # the current PricesObserved
     task: asyncio.Task[None] | None = None
 
