@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from melange import api
@@ -101,7 +101,33 @@ def least_load(problem: Problem) -> float:
     return total
 
 
+def _gpu(name: str, throughput: list[list[float]], **extra: Any) -> dict[str, Any]:
+    return {"name": name, "costPerHour": 5e-324, "throughput": throughput, **extra}
+
+
+# A load of 2e-6 instances on a type capped at 0 replicas, that type the only one serving its
+# bucket: the greedy start counted it as fitting under the cap (load < cap + 1), the certificate
+# rejected the plan, and the answer was Unsolved instead of Infeasible.
+GREEDY_OVER_A_ZERO_CAP = api.validate_spec(
+    {
+        "buckets": {"inputTokens": [1, 2, 3, 4, 5], "outputTokens": [1, 2, 3, 4, 5]},
+        "workload": {
+            "distribution": [[1, 0, 0, 0], [1e12, 0, 0, 0], [0, 0, 0, 15231650], [0, 0, 0, 65]],
+            "totalRate": 1e6,
+        },
+        "sliceFactor": 1,
+        "gpus": [
+            _gpu("g0", [[0.5, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1e9], [0, 0, 0, 0]], maxReplicas=0),
+            _gpu("g1", [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0.5], [0, 0, 0, 0]]),
+            _gpu("g2", [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]),
+            _gpu("g3", [[0, 0, 0, 0], [1e6, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]),
+        ],
+    }
+)
+
+
 @given(spec=specs(max_buckets=4, max_gpus=4))
+@example(spec=GREEDY_OVER_A_ZERO_CAP)
 @settings(SETTINGS, max_examples=300)
 def test_a_positive_rate_gets_instances_or_a_reason(spec: api.AllocationSpec) -> None:
     """The solver's answer to a positive rate: a certified plan, or Infeasible with its reason.

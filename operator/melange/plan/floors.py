@@ -53,7 +53,8 @@ def greedy(instance: Instance) -> Ints | None:
     types, buckets = instance.served.shape
     counts = np.zeros((types, buckets), dtype=np.int32)
     load = np.zeros(types)
-    cap = instance.upper + 1.0 - LOAD_EPSILON  # a load below this needs at most maxReplicas
+    # replicas_for(load) = ceil(load - LOAD_EPSILON) <= maxReplicas exactly when load <= this
+    cap = instance.upper + LOAD_EPSILON
     floor = np.maximum(instance.lower, 0.0)
 
     def price(b: int, extra: np.ndarray) -> np.ndarray:

@@ -250,6 +250,11 @@ def solve(
     feasible = True
     if not search.proven():
         feasible = _direct(search, clock) if method == "direct" else _decompose(search, clock, unit)
+        left = clock.left()
+        if feasible and search.plan is None and method != "direct" and (left is None or left > 0):
+            # The relaxation could not decide (HiGHS answered "unknown", e.g. on costs near the
+            # smallest float): with time left, the whole model decides instead.
+            feasible = _direct(search, clock)
     if not feasible:
         return finish(status="Infeasible", reason=problem.capped_reason())
     if search.plan is None:
