@@ -28,11 +28,14 @@ BASE_RULES: list[dict[str, Any]] = [
 DEFAULT_RULES: list[dict[str, Any]] = [
     *BASE_RULES,
     {"apiGroups": ["apps"], "resources": ["deployments/scale"], "verbs": ["get", "patch"]},
+    # the objects themselves, read only: make-before-break reads their ready count
+    {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"]},
     {
         "apiGroups": ["cluster.x-k8s.io"],
         "resources": ["machinedeployments/scale"],
         "verbs": ["get", "patch"],
     },
+    {"apiGroups": ["cluster.x-k8s.io"], "resources": ["machinedeployments"], "verbs": ["get"]},
 ]
 
 

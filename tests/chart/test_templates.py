@@ -494,11 +494,30 @@ def test_scale_targets_grant_the_scale_subresource_or_the_object() -> None:
     assert rules == [
         *BASE_RULES,
         {"apiGroups": ["apps"], "resources": ["statefulsets/scale"], "verbs": ["get", "patch"]},
+        {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"]},
         {"apiGroups": ["karpenter.sh"], "resources": ["nodepools"], "verbs": ["get", "patch"]},
     ]
     assert (
         one(render({"rbac": {"scaleTargets": []}}), "ClusterRole", FULLNAME)["rules"] == BASE_RULES
     )
+
+
+def test_price_sources_are_off_by_default_and_can_be_narrowed() -> None:
+    rules = one(render({"rbac": {"priceSources": {"enabled": True}}}), "ClusterRole", FULLNAME)[
+        "rules"
+    ]
+    assert rules == [
+        *DEFAULT_RULES,
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+    ]
+    narrowed = {"enabled": True, "configMapNames": ["gpu-prices"]}
+    manifests = render({"watchNamespaces": ["team-a"], "rbac": {"priceSources": narrowed}})
+    assert one(manifests, "Role", FULLNAME)["rules"][-1] == {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["gpu-prices"],
+        "verbs": ["get"],
+    }
 
 
 def test_rate_source_credentials_are_off_by_default_and_can_be_narrowed() -> None:

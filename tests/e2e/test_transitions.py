@@ -77,6 +77,12 @@ def set_rate(kube: Kube, namespace: str, name: str, rate: float) -> None:
     kube.merge_patch(Kinds.allocation, name, namespace, {"spec": {"workload": {"totalRate": rate}}})
 
 
+def make_pools(kube: Kube, namespace: str, small: int = 0) -> None:
+    """A's pool at `small` replicas, B's at none."""
+    kube.node_pool("small", namespace, small)
+    kube.machine_deployment("big", namespace, 0)
+
+
 def counts(kube: Kube, namespace: str) -> dict[str, int | None]:
     return {
         "A": kube.replicas(Kinds.node_pool, "small", namespace),
@@ -121,8 +127,7 @@ def served(sample: dict[str, int | None], ready_b: int) -> float:
 def test_make_before_break_keeps_the_old_capacity_until_the_new_is_ready(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
-    kube.node_pool("small", namespace, 1)
-    kube.machine_deployment("big", namespace, 0)
+    make_pools(kube, namespace, small=1)
     create(kube, namespace, "mbb", spec(9, transition={"readyTimeoutSeconds": 600}))
     kube.wait_condition("mbb", namespace, "Ready", "True", "Reconciled")
     assert counts(kube, namespace) == {"A": 1, "B": 0}
@@ -156,8 +161,7 @@ def test_make_before_break_keeps_the_old_capacity_until_the_new_is_ready(
 def test_scale_down_goes_ahead_after_the_ready_timeout(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
-    kube.node_pool("small", namespace, 1)
-    kube.machine_deployment("big", namespace, 0)
+    make_pools(kube, namespace, small=1)
     create(kube, namespace, "slow", spec(9, transition={"readyTimeoutSeconds": 6}))
     kube.wait_condition("slow", namespace, "Ready", "True", "Reconciled")
     set_rate(kube, namespace, "slow", 35)
@@ -172,8 +176,7 @@ def test_scale_down_goes_ahead_after_the_ready_timeout(
 def test_a_type_without_capacity_is_capped_and_its_traffic_moves(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
-    kube.node_pool("small", namespace, 0)
-    kube.machine_deployment("big", namespace, 0)
+    make_pools(kube, namespace, small=0)
     transition = {"capacityTimeoutSeconds": 3, "capacityRetrySeconds": 20}
     create(kube, namespace, "short", spec(35, transition=transition))
     eventually(lambda: _assert(counts(kube, namespace)["B"] == 1))
@@ -192,8 +195,7 @@ def test_a_type_without_capacity_is_capped_and_its_traffic_moves(
 def test_a_new_mix_that_saves_less_than_min_savings_patches_nothing(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
-    kube.node_pool("small", namespace, 0)
-    kube.machine_deployment("big", namespace, 0)
+    make_pools(kube, namespace, small=0)
     create(kube, namespace, "calm", spec(35, minSavings=0.5))
     kube.wait_condition("calm", namespace, "Ready", "True", "Reconciled")
     assert counts(kube, namespace) == {"A": 0, "B": 1}
@@ -246,8 +248,7 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
     try:
         server.wait_for_value(PRICE_QUERY)
         server.wait_for_value(f"sum(rate({emitter.metric_name}[4s]))")
-        kube.node_pool("small", namespace, 0)
-        kube.machine_deployment("big", namespace, 0)
+        make_pools(kube, namespace, small=0)
         body = spec(35)
         body["gpus"][1]["costPerHourFrom"] = {"prometheusQuery": PRICE_QUERY}
         body["rateSource"] = {
@@ -299,8 +300,7 @@ def test_a_price_from_a_config_map_its_owner_opted_in(
     core = client.CoreV1Api(kube.api_client)
     config_map = client.V1ConfigMap(metadata=client.V1ObjectMeta(name="prices"), data={"b": "5.0"})
     core.create_namespaced_config_map(namespace, config_map)
-    kube.node_pool("small", namespace, 0)
-    kube.machine_deployment("big", namespace, 0)
+    make_pools(kube, namespace, small=0)
     body = spec(35)
     body["gpus"][1]["costPerHourFrom"] = {"configMapKeyRef": {"name": "prices", "key": "b"}}
     create(kube, namespace, "listed", body)
@@ -410,8 +410,7 @@ def test_requests_waiting_wake_an_allocation_at_zero(
     server.start()
     try:
         server.wait_for_value(f"{PENDING} + 1")  # scraped (at 0)
-        kube.node_pool("small", namespace, 0)
-        kube.machine_deployment("big", namespace, 0)
+        make_pools(kube, namespace, small=0)
         body = spec(35)
         body["rateSource"] = {
             "prometheus": {
@@ -432,7 +431,7 @@ def test_requests_waiting_wake_an_allocation_at_zero(
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}), timeout=30)
         solved = kube.condition("idle", namespace, "Solved") or {}
         assert "requests wait (the activation query reads 3)" in solved["message"]
-        assert kube.allocation("idle", namespace)["status"]["activationValue"] == 3
+        assert kube.allocation("idle", namespace)["status"]["observedActivation"] == 3
 
         exporter.values[PENDING] = 0  # served, and still no traffic: back to zero
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 0}), timeout=30)

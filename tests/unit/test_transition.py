@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -267,3 +268,56 @@ def test_no_plan_within_the_budget_is_an_answer_with_the_reason() -> None:
     assert not choice.plan.solved
     assert choice.plan.reason is not None
     assert "no plan fits within the cluster's GPU budgets (B has 0 left)" in choice.plan.reason
+
+
+# -- priority -------------------------------------------------------------------------------------
+
+
+def _twins(priorities: dict[str, int], **extra: Any) -> api.AllocationSpec:
+    """Two pools of the same GPU at the same price (two zones, say), and a cheaper third type."""
+    gpus = [
+        {"name": name, "costPerHour": 2.0, "throughput": [[20.0]]} for name in ("zone-a", "zone-b")
+    ]
+    for gpu in gpus:
+        if gpu["name"] in priorities:
+            gpu["priority"] = priorities[gpu["name"]]
+    gpus.append({"name": "spot", "costPerHour": 1.5, "throughput": [[20.0]], **extra})
+    return api.validate_spec(
+        {
+            "buckets": {"inputTokens": [1, 100], "outputTokens": [1, 100]},
+            "workload": {"distribution": [[1.0]], "totalRate": 50},
+            "sliceFactor": 8,
+            "gpus": gpus,
+        }
+    )
+
+
+@pytest.mark.parametrize("preferred", ["zone-a", "zone-b"])
+def test_priority_breaks_a_cost_tie(preferred: str) -> None:
+    spec = _twins({preferred: 10}, maxReplicas=1)
+    choice = choose.choose_plan(spec, 50.0)
+    used = _used(choice.plan.replicas())
+    assert used == {"spot": 1, preferred: 2}
+    plain = choose.choose_plan(_twins({}, maxReplicas=1), 50.0)
+    assert plain.plan.cost_per_hour == choice.plan.cost_per_hour
+    assert choice.plan.status == plain.plan.status == "Optimal"
+
+
+def test_priority_never_buys_a_dearer_plan() -> None:
+    spec = _twins({"zone-a": 10})  # the spot type is cheaper: priority must not pick zone-a
+    assert _used(choose.choose_plan(spec, 50.0).plan.replicas()) == {"spot": 3}
+
+
+def test_priority_orders_the_fallback_when_a_type_is_capped() -> None:
+    spec = _twins({"zone-b": 5})
+    caps = update_capacity(
+        Capacity({"spot": T0}),
+        {"spot": PoolReading(3, 1)},
+        T0 + timedelta(hours=1),
+        60,
+        600,
+    ).capacity.caps
+    assert _used(choose.choose_plan(spec, 50.0, caps=caps).plan.replicas()) == {
+        "spot": 1,
+        "zone-b": 2,
+    }

@@ -89,10 +89,24 @@ What the operator does with the API, and nothing more:
 - apiGroups: [{{ .apiGroup | quote }}]
   {{- if eq (default "scale" .via) "scale" }}
   resources: [{{ printf "%s/scale" .resource | quote }}]
+  verbs: ["get", "patch"]
+- apiGroups: [{{ .apiGroup | quote }}]
+  resources: [{{ .resource | quote }}]
+  verbs: ["get"]
   {{- else }}
   resources: [{{ .resource | quote }}]
-  {{- end }}
   verbs: ["get", "patch"]
+  {{- end }}
+{{- end }}
+{{- with .Values.rbac.priceSources }}
+{{- if .enabled }}
+- apiGroups: [""]
+  resources: ["configmaps"]
+  {{- with .configMapNames }}
+  resourceNames: {{ toJson . }}
+  {{- end }}
+  verbs: ["get"]
+{{- end }}
 {{- end }}
 {{- with .Values.rbac.rateSourceCredentials }}
 {{- if .enabled }}

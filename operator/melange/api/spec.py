@@ -164,6 +164,9 @@ class GpuType(_Model):
     max_scale_down_per_interval: Integer | None = Field(
         default=None, alias="maxScaleDownPerInterval", ge=1, le=MAX_REPLICAS
     )
+    # Among plans of the same cost, the one using more of the higher-priority types (as
+    # Karpenter's NodePool weight: higher is preferred); unset counts as 0.
+    priority: Integer | None = Field(default=None, ge=0, le=1000)
     # costPerHour is the price until the source is first read, and whenever it never was
     cost_per_hour_from: PriceSource | None = Field(default=None, alias="costPerHourFrom")
 

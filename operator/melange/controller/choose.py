@@ -17,10 +17,13 @@ from dataclasses import dataclass, field, replace
 from melange.api import AllocationSpec, GpuType
 from melange.controller import decide
 from melange.controller.transition import Cap
-from melange.plan import solver
+from melange.plan import certify, solver
+from melange.plan.problem import Problem
 from melange.plan.result import Plan
 
 COST_TIE = 1e-9  # relative: costs this close are the same cost
+# relative cost added per priority step below the highest: small enough to break ties only
+PRIORITY_NUDGE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ def choose_plan(
                 shown = ", ".join(f"{n} has {left} left" for n, (_, left) in over.items())
                 reason = f"no plan fits within the cluster's GPU budgets ({shown}); {best.reason}"
                 return Choice(replace(best, reason=reason), note, over)
+    best = by_priority(capped, rate, best)
     if spec.min_savings is None or not current or not best.solved:
         return Choice(best, note, over)
     desired = decide.desired_replicas(capped, best)
@@ -112,3 +116,49 @@ def choose_plan(
             over,
         )
     return Choice(best, note, over)
+
+
+def by_priority(spec: AllocationSpec, rate: float | None, best: Plan) -> Plan:
+    """Among the plans as cheap as `best`, one that prefers the higher-priority types.
+
+    The spec is solved again with each type's cost nudged up by PRIORITY_NUDGE per step below the
+    highest priority; that plan is taken only when its real cost is `best`'s, so it is as proven
+    as `best` (the same lower bound covers it) and passes the same certificate at the real prices.
+    """
+    if not best.solved or all(g.priority is None for g in spec.gpus):
+        return best
+    assert best.cost_per_hour is not None
+    top = max(g.priority or 0 for g in spec.gpus)
+    nudged = spec.model_copy(
+        update={
+            "gpus": [
+                g.model_copy(
+                    update={
+                        "cost_per_hour": g.cost_per_hour
+                        * (1 + PRIORITY_NUDGE * (top - (g.priority or 0)))
+                    }
+                )
+                for g in spec.gpus
+            ]
+        }
+    )
+    alternative = solver.solve_spec(nudged, rate)
+    if not alternative.solved:
+        return best
+    prices = {g.name: g.cost_per_hour for g in spec.gpus}
+    gpus = tuple(replace(g, cost_per_hour=g.replicas * prices[g.name]) for g in alternative.gpus)
+    cost = sum(g.cost_per_hour for g in gpus)
+    if cost > best.cost_per_hour * (1 + COST_TIE):
+        return best
+    plan = replace(
+        alternative,
+        status=best.status,
+        reason=best.reason,
+        gpus=gpus,
+        cost_per_hour=cost,
+        lower_bound=best.lower_bound,
+        baselines=best.baselines,
+    )
+    if certify.violations(Problem.from_spec(spec, rate=rate), plan):
+        return best
+    return plan

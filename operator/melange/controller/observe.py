@@ -74,7 +74,7 @@ class Observer:
         except RateError as exc:
             error = exc
         state.rate.activation = await activation if activation is not None else None
-        work.status["activationValue"] = state.rate.activation
+        work.status["observedActivation"] = state.rate.activation
         metrics.record_rate_query(
             namespace, name, "ok" if error is None else error.reason, observed
         )
