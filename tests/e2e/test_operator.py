@@ -115,6 +115,17 @@ def test_reconciles_every_kind_of_node_pool(
     assert status["solvedRate"] == 34
     assert status["planStatus"] == "Optimal"
     assert status["lowerBound"] <= status["costPerHour"]
+    best = solver.solve_spec(api.validate_spec(SPEC)).best_baseline
+    assert best is not None
+    assert best.cost_per_hour is not None
+    assert status["singleTypeBaseline"] == {
+        "name": best.gpu,
+        "replicas": best.replicas,
+        "costPerHour": pytest.approx(best.cost_per_hour),
+    }
+    assert status["savingPerHour"] == pytest.approx(best.cost_per_hour - 5.3)
+    planned = {t["name"]: t["plannedReplicas"] for t in status["targets"]}
+    assert planned == expected
     assert [(g["name"], g["replicas"]) for g in status["gpus"]] == [
         ("L4", 2),
         ("A100", 1),

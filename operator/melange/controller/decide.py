@@ -181,6 +181,7 @@ def plan_status(plan: Plan, now: datetime) -> dict[str, Any]:
         "planStatus": plan.status,
         "costPerHour": data["costPerHour"],
         "lowerBound": data["lowerBound"],
+        **saving_status(plan),
         "totalReplicas": sum(g.replicas for g in plan.gpus),
         "gpuTypes": sum(1 for g in plan.gpus if g.replicas > 0),
         "solvedRate": data["totalRate"],
@@ -191,6 +192,21 @@ def plan_status(plan: Plan, now: datetime) -> dict[str, Any]:
         "routingOmitted": omitted,
         "lastSolveTime": timestamp(now),
         "solveSeconds": data["solveSeconds"],
+    }
+
+
+def saving_status(plan: Plan) -> dict[str, Any]:
+    """What the mix saves per hour against the cheapest single-type plan (None: no such plan)."""
+    best = plan.best_baseline
+    if best is None or best.cost_per_hour is None or plan.cost_per_hour is None:
+        return {"savingPerHour": None, "singleTypeBaseline": None}
+    return {
+        "savingPerHour": round(best.cost_per_hour - plan.cost_per_hour, 6),
+        "singleTypeBaseline": {
+            "name": best.gpu,
+            "replicas": best.replicas,
+            "costPerHour": round(best.cost_per_hour, 6),
+        },
     }
 
 

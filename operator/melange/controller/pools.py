@@ -156,7 +156,7 @@ class Pools:
                 target,
                 want,
                 0,
-                planned=desired[gpu.name] if mbb is not None else None,
+                planned=desired[gpu.name],
                 ready=readings[gpu.name].ready if gpu.name in readings else None,
                 short_since=record.short_since if record is not None else None,
                 last_scale=record.last_scale if record is not None else None,
