@@ -438,3 +438,27 @@ def test_requests_waiting_wake_an_allocation_at_zero(
     finally:
         server.stop()
         exporter.stop()
+
+
+def test_a_step_limit_moves_a_pool_one_step_per_interval(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    make_pools(kube, namespace, small=1)
+    body = spec(9)
+    body["gpus"][0]["maxScaleUpPerInterval"] = 1
+    body["gpus"][1]["maxReplicas"] = 0  # A alone
+    create(kube, namespace, "steps", body)
+    kube.wait_condition("steps", namespace, "Ready", "True", "Reconciled")
+    seen = [1]
+
+    def at_four() -> None:
+        count = counts(kube, namespace)["A"]
+        if count != seen[-1]:
+            seen.append(count or 0)
+        assert count == 4
+
+    set_rate(kube, namespace, "steps", 35)
+    kube.wait_condition("steps", namespace, "Scaled", "False", "Transitioning")
+    eventually(at_four, timeout=60, interval=0.1)
+    assert seen == [1, 2, 3, 4]  # one replica per interval (the resync, 3 s)
+    kube.wait_condition("steps", namespace, "Ready", "True", "Reconciled")

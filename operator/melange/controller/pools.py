@@ -211,6 +211,9 @@ class Pools:
                 log.info("[%s/%s] Scaled %s", *key, message)
                 work.events.append(EventSpec("Normal", "Scaled", message))
         result = ScaleResult(decide.scaled_condition(outcomes, dry_run=False))
+        if mbb is None and step.limited and result.scaled.status == "True":
+            # a step limit holds a pool short of the plan: not there yet
+            result = ScaleResult(decide.transition_scaled(step, desired, readings))
         if mbb is not None:
             result = self._transition(key, spec, records, after, step, desired, work, now, result)
         policies = {g.name: g.policy for g in spec.gpus}
