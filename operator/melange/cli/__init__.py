@@ -1,6 +1,7 @@
 """The `melange` command: solve allocations offline, build their inputs, run the operator.
 
-Exit codes are part of the interface: 0 solved, 1 infeasible (the reason on stderr), 2 invalid input
+Exit codes are part of the interface: 0 solved, 1 infeasible (the reason on stderr; for `status`,
+no such allocation), 2 invalid input
 (every error on stderr, one per line; click's own usage errors use 2 as well); `profile` adds 3 for
 a measurement stopped with buckets left; `solve` adds 4 for a time limit that ran out with neither
 a plan nor a proof of infeasibility. Any command ends with 5 on an internal error (an exception no
@@ -67,6 +68,11 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "melange.cli.solve",
         "solve",
         "Print the cheapest plan for the allocation in FILE ('-' reads stdin).",
+    ),
+    "status": LazyCommand(
+        "melange.cli.status",
+        "status_command",
+        "Show what the operator decided for the MelangeAllocation NAME, and why.",
     ),
     "workload": LazyCommand(
         "melange.cli.workload",
@@ -203,7 +209,8 @@ def main(debug: bool) -> None:
     bucket on a running server; `profiles` lists, estimates, imports and compares GPU throughput
     profiles; `run` starts the Kubernetes operator.
 
-    Exit codes: 0 done, 1 infeasible (solve), 2 invalid input, 3 stopped with buckets left
+    Exit codes: 0 done, 1 infeasible (solve) or not found (status), 2 invalid input, 3 stopped
+    with buckets left
     (profile), 4 time limit reached unsolved (solve), 5 internal error (a bug; --debug shows the
     traceback), 130 interrupted, 141 output closed early.
     """
