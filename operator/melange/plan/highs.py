@@ -65,9 +65,10 @@ def _silence_banner() -> None:
         os.close(saved)
 
 
-def load(model: Milp, abs_gap: float = 0.0) -> Any:
+def load(model: Milp, abs_gap: float = 0.0, presolve: bool = True) -> Any:
     """A HiGHS instance holding `model`, quiet and deterministic; `abs_gap` stops a MIP once its
-    solution is within that of the bound."""
+    solution is within that of the bound. `presolve=False` for the small models of the
+    decomposition: on some of them HiGHS 1.16's presolve loops and never reads its time limit."""
     import highspy
 
     _silence_banner()
@@ -83,6 +84,7 @@ def load(model: Milp, abs_gap: float = 0.0) -> Any:
         ("mip_rel_gap", 0.0),
         ("mip_abs_gap", abs_gap),
         ("random_seed", 0),
+        ("presolve", "on" if presolve else "off"),
     ):
         h.setOptionValue(option, value)
     h.passModel(
@@ -109,11 +111,12 @@ def solve(
     model: Milp,
     time_limit: float | None = None,
     abs_gap: float = 0.0,
+    presolve: bool = True,
 ) -> Result:
     """Solve `model` once."""
     import highspy
 
-    h = load(model, abs_gap)
+    h = load(model, abs_gap, presolve)
     if time_limit is not None:
         h.setOptionValue("time_limit", max(time_limit, 1e-3))
     h.run()

@@ -160,7 +160,7 @@ def _repair(search: _Search, x: Floats, pair_type: Ints, pair_bucket: Ints, cloc
         return
     fixed_load = (counts * instance.slice_load).sum(axis=1)
     model, rt, rb = instance.counted(integral=True, buckets=split, fixed_load=fixed_load)
-    repaired = highs.solve(model, clock.left(), abs_gap=search.tolerance)
+    repaired = highs.solve(model, clock.left(), abs_gap=search.tolerance, presolve=False)
     if repaired.x is not None:
         search.offer(counts + _counts(instance, repaired.x, rt, rb))
 
@@ -179,7 +179,7 @@ def _decompose(search: _Search, clock: _Clock, unit: float | None) -> bool:
         model, pair_type, pair_bucket = instance.counted(
             integral=True, lower=fleet, upper=fleet, objective=False
         )
-        check = highs.solve(model, clock.left())
+        check = highs.solve(model, clock.left(), presolve=False)
         if check.x is not None:
             search.offer(_counts(instance, check.x, pair_type, pair_bucket))
             return True
