@@ -15,7 +15,7 @@ import operations
 
 @pytest.fixture(scope="module")
 def result() -> operations.Result:
-    return operations.run("mixed", seed=0, hours=3.0, startup=10, quick=True)
+    return operations.run("mixed", seed=0, hours=2.0, startup=10, quick=True)
 
 
 def test_the_oracle_is_never_dearer_than_a_strategy(result: operations.Result) -> None:
@@ -44,8 +44,8 @@ def test_the_outage_is_felt_and_counted_apart(result: operations.Result) -> None
 
 
 def test_a_seed_gives_the_same_run() -> None:
-    first = operations.run("mixed", seed=3, hours=1.0, startup=5, quick=True)
-    second = operations.run("mixed", seed=3, hours=1.0, startup=5, quick=True)
+    first = operations.run("mixed", seed=3, hours=0.5, startup=5, quick=True)
+    second = operations.run("mixed", seed=3, hours=0.5, startup=5, quick=True)
     assert first.trace == second.trace
     assert first.tallies == second.tallies
-    assert operations.diurnal(30.0, 60, 60, seed=4) != list(first.trace.rates)
+    assert operations.diurnal(30.0, 30, 30, seed=4) != list(first.trace.rates)
