@@ -229,6 +229,17 @@ def test_more_traffic_than_the_counts_serve_resizes_the_current_mix() -> None:
     assert _used(grown.plan.replicas()) == {"B": 2}
 
 
+def test_no_type_leaves_the_mix_for_a_saving_below_min_savings() -> None:
+    """At 75 req/s two B (6/h) would do; the mix of A and B resized costs 7/h, 14% more."""
+    running = {"A": 1, "B": 1}  # serves 50 req/s: too few for 75
+    kept = choose.choose_plan(_spec(35.0, min_savings=0.3), 75.0, current=running)
+    assert _used(kept.plan.replicas()) == {"A": 1, "B": 2}
+    assert kept.note is not None
+    assert "the current mix of types, resized" in kept.note
+    moved = choose.choose_plan(_spec(35.0, min_savings=0.1), 75.0, current=running)
+    assert _used(moved.plan.replicas()) == {"B": 2}
+
+
 def test_a_plan_outside_the_caps_falls_back_to_the_full_counts() -> None:
     spec = _spec(35.0)
     caps = update_capacity(

@@ -4,7 +4,8 @@ Every change of the mix restarts model servers and waits for nodes, so with `spe
 re-solve keeps what runs unless the cheapest plan saves more than that fraction of the cost:
 - first the current counts themselves, re-evaluated at the new rate (still enough? then nothing
   moves at all);
-- else the current mix of types, resized for the new rate (counts change, no type comes or goes).
+- else the current mix of types, resized for the new rate (counts change; every type that runs keeps
+  at least one replica, and no type comes in).
 The kept plan is `Optimal` only when it costs no more than the proven optimum; otherwise it is a
 `Feasible` plan whose gap to the optimum's lower bound the status shows.
 """
@@ -45,6 +46,13 @@ def _pinned(gpu: GpuType, count: int) -> GpuType:
 def _without(gpu: GpuType) -> GpuType:
     """A type left out of the mix (at its minReplicas)."""
     return gpu.model_copy(update={"max_replicas": gpu.min_replicas})
+
+
+def _kept(gpu: GpuType) -> GpuType:
+    """A type of the mix that stays in it: at least one replica (within its maxReplicas)."""
+    if gpu.max_replicas == 0:
+        return gpu
+    return gpu.model_copy(update={"min_replicas": max(gpu.min_replicas, 1)})
 
 
 def choose_plan(
@@ -88,7 +96,7 @@ def choose_plan(
         ),
         (
             "the current mix of types, resized",
-            [g if current.get(g.name, 0) > 0 else _without(g) for g in capped.gpus],
+            [_kept(g) if current.get(g.name, 0) > 0 else _without(g) for g in capped.gpus],
         ),
     )
     for what, gpus in candidates:
