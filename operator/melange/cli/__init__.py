@@ -54,6 +54,11 @@ COMMANDS: Mapping[str, LazyCommand] = {
         "profiles_group",
         "GPU throughput profiles: the shipped library, estimates for new set-ups, measured ones.",
     ),
+    "route": LazyCommand(
+        "melange.cli.route",
+        "route_command",
+        "Serve an OpenAI-compatible proxy that sends each request to the GPU type sized for it.",
+    ),
     "run": LazyCommand(
         "melange.cli.run",
         "run",

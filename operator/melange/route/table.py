@@ -108,6 +108,11 @@ def _index(edges: Sequence[int], tokens: int) -> int:
     return min(max(bisect_right(edges, tokens) - 1, 0), len(edges) - 2)
 
 
+def bucket_index(edges: Sequence[int], tokens: int) -> int:
+    """The bucket of `tokens` on one axis, clamped as `pick` clamps it (for labels and logs)."""
+    return _index(edges, tokens)
+
+
 def pick(table: RouteTable, input_tokens: int, output_tokens: int | None, u: float) -> str:
     """The GPU type for one request, from a uniform `u` in [0, 1): by both lengths when the
     output length is known, else by the input length alone. Raises ValueError when the table
