@@ -474,23 +474,14 @@ class Operator(Strategy):
             name: transition.PoolReading(pool.count, pool.ready if mbb is not None else None)
             for name, pool in self.pools.items()
         }
-        since = self.transition_since
-        step = transition.next_step(
+        step = transition.spec_step(
+            self.spec,
             desired,
             readings,
-            make_before_break=mbb is not None,
-            waited_seconds=(now - since).total_seconds() if since else 0.0,
-            ready_timeout=mbb.ready_timeout_seconds if mbb is not None else 0.0,
-            limits={
-                g.name: transition.StepLimits(
-                    g.max_scale_up_per_interval,
-                    g.max_scale_down_per_interval,
-                    self.last_scale.get(g.name),
-                )
-                for g in self.spec.gpus
-            },
-            now=now,
-            interval=INTERVAL_SECONDS,
+            self.last_scale,
+            self.transition_since,
+            now,
+            INTERVAL_SECONDS,
         )
         for name, count in step.targets.items():
             if count != self.pools[name].count:

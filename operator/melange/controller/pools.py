@@ -123,23 +123,14 @@ class Pools:
             )
             for name, read in reads.items()
         }
-        since = rates.parse_time(work.status.get("transitionSince"))
-        step = transition.next_step(
+        step = transition.spec_step(
+            spec,
             {name: desired[name] for name in readings},
             readings,
-            make_before_break=mbb is not None,
-            waited_seconds=(now - since).total_seconds() if since else 0.0,
-            ready_timeout=mbb.ready_timeout_seconds if mbb is not None else 0.0,
-            limits={
-                g.name: transition.StepLimits(
-                    g.max_scale_up_per_interval,
-                    g.max_scale_down_per_interval,
-                    records[g.name].last_scale if g.name in records else None,
-                )
-                for g in spec.gpus
-            },
-            now=now,
-            interval=interval,
+            {name: record.last_scale for name, record in records.items()},
+            rates.parse_time(work.status.get("transitionSince")),
+            now,
+            interval,
         )
 
         reasons: dict[str, str] = {}

@@ -21,6 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+from melange.api import AllocationSpec
+
 
 @dataclass(frozen=True)
 class PoolReading:
@@ -126,6 +128,36 @@ def next_step(
         pending=tuple(pending),
         limited=tuple(limited),
         timed_out=timed_out and any(planned[n] < pools[n].current for n in planned),
+    )
+
+
+def spec_step(
+    spec: AllocationSpec,
+    planned: Mapping[str, int],
+    pools: Mapping[str, PoolReading],
+    last_scale: Mapping[str, datetime | None],
+    since: datetime | None,
+    now: datetime,
+    interval: float,
+) -> Step:
+    """`next_step` with the spec's knobs: make-before-break and its timeout from spec.transition
+    (the transition under way since `since`), the step limits from gpus[], and when each pool
+    was last patched."""
+    mbb = spec.transition
+    return next_step(
+        planned,
+        pools,
+        make_before_break=mbb is not None,
+        waited_seconds=(now - since).total_seconds() if since else 0.0,
+        ready_timeout=mbb.ready_timeout_seconds if mbb is not None else math.inf,
+        limits={
+            g.name: StepLimits(
+                g.max_scale_up_per_interval, g.max_scale_down_per_interval, last_scale.get(g.name)
+            )
+            for g in spec.gpus
+        },
+        now=now,
+        interval=interval,
     )
 
 
