@@ -31,5 +31,6 @@ if [ "$#" -gt 0 ]; then
 fi
 # Everything but the chaos scenarios, then the chaos scenarios (faults injected into the real
 # parts; minutes of outages and load) as a step of their own.
-.venv/bin/pytest -m "not chaos"
-.venv/bin/pytest -m chaos
+# The slowest tests are listed at the end of each step, to keep the suite's time in view.
+.venv/bin/pytest -m "not chaos" --durations=20
+.venv/bin/pytest -m chaos --durations=10
