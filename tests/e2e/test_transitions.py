@@ -90,6 +90,33 @@ def counts(kube: Kube, namespace: str) -> dict[str, int | None]:
     }
 
 
+def pool_versions(kube: Kube, namespace: str) -> tuple[str, str]:
+    """Both pools' resourceVersions: equal later only if neither was written in between."""
+    return (
+        kube.resource_version(Kinds.node_pool, "small", namespace),
+        kube.resource_version(Kinds.machine_deployment, "big", namespace),
+    )
+
+
+@contextmanager
+def scraped(
+    emitter: LoadEmitter, workdir: Path, values: dict[str, float]
+) -> Iterator[tuple[GaugeExporter, PrometheusServer]]:
+    """An exporter of these gauges and a Prometheus scraping it and the emitter, once it has
+    scraped them (each query + 1, so a gauge at 0 counts too)."""
+    exporter = GaugeExporter()
+    exporter.values.update(values)
+    server = PrometheusServer(workdir, [emitter.address, exporter.address])
+    server.start()
+    try:
+        for series in values:
+            server.wait_for_value(f"{series} + 1")
+        yield exporter, server
+    finally:
+        server.stop()
+        exporter.stop()
+
+
 class Sampler:
     """Reads both pools every 0.2 s (and the B ready count the test set) in the background."""
 
@@ -199,19 +226,13 @@ def test_a_new_mix_that_saves_less_than_min_savings_patches_nothing(
     create(kube, namespace, "calm", spec(35, minSavings=0.5))
     kube.wait_condition("calm", namespace, "Ready", "True", "Reconciled")
     assert counts(kube, namespace) == {"A": 0, "B": 1}
-    versions = (
-        kube.resource_version(Kinds.node_pool, "small", namespace),
-        kube.resource_version(Kinds.machine_deployment, "big", namespace),
-    )
+    versions = pool_versions(kube, namespace)
     # at 28 req/s three A cost what one B does: no saving, so nothing moves
     set_rate(kube, namespace, "calm", 28)
     solved = eventually(lambda: _solved_at(kube, namespace, "calm", 28))
     assert "kept: the current counts still serve the rate" in solved["message"]
     time.sleep(4)  # a resync or more
-    assert versions == (
-        kube.resource_version(Kinds.node_pool, "small", namespace),
-        kube.resource_version(Kinds.machine_deployment, "big", namespace),
-    )
+    assert versions == pool_versions(kube, namespace)
     # at 9 req/s one A (1/h) saves two thirds of 3/h: more than minSavings, so it moves
     set_rate(kube, namespace, "calm", 9)
     eventually(lambda: _assert(counts(kube, namespace) == {"A": 1, "B": 0}))
@@ -241,12 +262,7 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
     emitter: LoadEmitter,
     tmp_path: Path,
 ) -> None:
-    exporter = GaugeExporter()
-    exporter.values[PRICE_QUERY] = 3.0
-    server = PrometheusServer(tmp_path / "prices", [emitter.address, exporter.address])
-    server.start()
-    try:
-        server.wait_for_value(PRICE_QUERY)
+    with scraped(emitter, tmp_path / "prices", {PRICE_QUERY: 3.0}) as (exporter, server):
         server.wait_for_value(f"sum(rate({emitter.metric_name}[4s]))")
         make_pools(kube, namespace, small=0)
         body = spec(35)
@@ -272,15 +288,9 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
 
         del exporter.values[PRICE_QUERY]  # the series goes stale: no price, the plan holds
         kube.wait_condition("spot", namespace, "PricesObserved", "False", "NoData", timeout=40)
-        versions = (
-            kube.resource_version(Kinds.node_pool, "small", namespace),
-            kube.resource_version(Kinds.machine_deployment, "big", namespace),
-        )
+        versions = pool_versions(kube, namespace)
         time.sleep(12)  # two polls and more
-        assert versions == (
-            kube.resource_version(Kinds.node_pool, "small", namespace),
-            kube.resource_version(Kinds.machine_deployment, "big", namespace),
-        )
+        assert versions == pool_versions(kube, namespace)
         prices_now = {
             p["name"]: p["costPerHour"]
             for p in kube.allocation("spot", namespace)["status"]["prices"]
@@ -289,9 +299,6 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
 
         exporter.values[PRICE_QUERY] = 2.0  # back, and cheaper than ever: one B again
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}), timeout=40)
-    finally:
-        server.stop()
-        exporter.stop()
 
 
 def test_a_price_from_a_config_map_its_owner_opted_in(
@@ -404,12 +411,7 @@ def test_requests_waiting_wake_an_allocation_at_zero(
     tmp_path: Path,
 ) -> None:
     emitter.set_rate(0)
-    exporter = GaugeExporter()
-    exporter.values[PENDING] = 0
-    server = PrometheusServer(tmp_path / "activation", [emitter.address, exporter.address])
-    server.start()
-    try:
-        server.wait_for_value(f"{PENDING} + 1")  # scraped (at 0)
+    with scraped(emitter, tmp_path / "activation", {PENDING: 0}) as (exporter, server):
         make_pools(kube, namespace, small=0)
         body = spec(35)
         body["rateSource"] = {
@@ -435,9 +437,6 @@ def test_requests_waiting_wake_an_allocation_at_zero(
 
         exporter.values[PENDING] = 0  # served, and still no traffic: back to zero
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 0}), timeout=30)
-    finally:
-        server.stop()
-        exporter.stop()
 
 
 def test_a_step_limit_moves_a_pool_one_step_per_interval(

@@ -366,7 +366,7 @@ class Controller:
                     generation,
                     left,
                 )
-            if budgeted and left is not None:
+            if left is not None:
                 over = state.choice.over_budget if state.choice is not None else {}
                 work.updates.append(decide.budget_condition(over, self.settings.gpu_budgets))
             if priced is not None and plan.solved:

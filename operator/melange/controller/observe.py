@@ -51,14 +51,7 @@ class Observer:
         observed: float | None = None
         error: RateError | None = None
         try:
-            refused = urls.refusal(
-                source.prometheus.url,
-                self.allowed_urls,
-                sends_token=source.prometheus.bearer_token_secret_ref is not None,
-            )
-            if refused is not None:  # checked before any credential is read
-                raise URLNotAllowed(refused)
-            token, ca = await asyncio.to_thread(self.kube.credentials, namespace, source.prometheus)
+            token, ca = await self._access(namespace, source)
             activation = asyncio.create_task(self._activation(source, token, ca))
             observed, observation = await asyncio.gather(
                 self.prometheus.query_rate(
@@ -213,10 +206,19 @@ class Observer:
         sourced = [g for g in spec.gpus if g.cost_per_hour_from is not None]
         if not sourced:
             return None
-        names = {g.name: prices.source_name(spec, g.name) or "spec" for g in sourced}
+        names = {g.name: prices.source_name(g) or "spec" for g in sourced}
+        access: tuple[str | None, str | None] | RateError | None = None
+        if spec.rate_source is not None and any(
+            g.cost_per_hour_from and g.cost_per_hour_from.prometheus_query for g in sourced
+        ):
+            try:  # once for every price query
+                access = await self._access(namespace, spec.rate_source)
+            except RateError as exc:
+                access = exc
         read: dict[str, float | RateError] = {}
         answers = await asyncio.gather(
-            *(self._price(namespace, spec, g) for g in sourced), return_exceptions=True
+            *(self._price(namespace, spec.rate_source, g, access) for g in sourced),
+            return_exceptions=True,
         )
         for gpu, answer in zip(sourced, answers, strict=True):
             if isinstance(answer, RateError | float):
@@ -240,7 +242,29 @@ class Observer:
             work.events.append(EventSpec("Normal", "PriceChange", f"re-solving: {message}"))
         return decision
 
-    async def _price(self, namespace: str, spec: api.AllocationSpec, gpu: api.GpuType) -> float:
+    async def _access(
+        self, namespace: str, source: api.RateSource
+    ) -> tuple[str | None, str | None]:
+        """The rate source's bearer token and CA, once its URL is allowed (checked before any
+        credential is read); a refusal or an unreadable credential as a `RateError`."""
+        refused = urls.refusal(
+            source.prometheus.url,
+            self.allowed_urls,
+            sends_token=source.prometheus.bearer_token_secret_ref is not None,
+        )
+        if refused is not None:
+            raise URLNotAllowed(refused)
+        return await asyncio.to_thread(self.kube.credentials, namespace, source.prometheus)
+
+    async def _price(
+        self,
+        namespace: str,
+        rate_source: api.RateSource | None,
+        gpu: api.GpuType,
+        access: tuple[str | None, str | None] | RateError | None,
+    ) -> float:
+        """One type's price: from its ConfigMap, or its query against the rate source's
+        Prometheus with the credentials `access` read for all of them."""
         source = gpu.cost_per_hour_from
         assert source is not None
         what = f"the price of {gpu.name}"
@@ -252,19 +276,12 @@ class Observer:
                 return prices.parse_price(
                     text, f"{what} (ConfigMap key {source.config_map_key_ref.key})"
                 )
-            rate_source = spec.rate_source
             assert rate_source is not None  # checked by the spec's own rules
             assert source.prometheus_query is not None
-            refused = urls.refusal(
-                rate_source.prometheus.url,
-                self.allowed_urls,
-                sends_token=rate_source.prometheus.bearer_token_secret_ref is not None,
-            )
-            if refused is not None:
-                raise URLNotAllowed(refused)
-            token, ca = await asyncio.to_thread(
-                self.kube.credentials, namespace, rate_source.prometheus
-            )
+            assert access is not None
+            if isinstance(access, RateError):
+                raise access
+            token, ca = access
             status, body, url, kind = await self.prometheus.query(
                 rate_source.prometheus.url,
                 source.prometheus_query,

@@ -10,13 +10,16 @@ import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from melange import api
 from melange.api import conditions
 from melange.api.conditions import Condition
 from melange.plan.result import Plan
 from melange.signals import rates
+
+if TYPE_CHECKING:  # choose imports the solver; the state only names its result
+    from melange.controller.choose import Choice
 
 Key = tuple[str, str]  # (namespace, name)
 
@@ -129,7 +132,7 @@ class AllocationState:
     polled_source: Any = None
     # ((generation, rate, distribution, caps) it was solved for, the plan)
     solved: tuple[tuple[Any, ...], Plan] | None = None
-    choice: Any = None  # the last `choose.Choice`: why the plan acted on is what it is
+    choice: Choice | None = None  # the last choice: why the plan acted on is what it is
     prices_condition: Condition | None = None  # the current PricesObserved
     task: asyncio.Task[None] | None = None
 

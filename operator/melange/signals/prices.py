@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from melange.api import MAX_COST_PER_HOUR, AllocationSpec
+from melange.api import MAX_COST_PER_HOUR, AllocationSpec, GpuType
 from melange.signals.rates import (
     InvalidValue,
     NoData,
@@ -86,22 +86,20 @@ def in_effect(spec: AllocationSpec, status: Mapping[str, Any]) -> dict[str, Pric
     for gpu in spec.gpus:
         own = Price(gpu.cost_per_hour, "spec")
         kept = stored.get(gpu.name)
-        named = source_name(spec, gpu.name)
+        named = source_name(gpu)
         prices[gpu.name] = kept if kept is not None and named and kept.source == named else own
     return prices
 
 
-def source_name(spec: AllocationSpec, gpu_name: str) -> str | None:
+def source_name(gpu: GpuType) -> str | None:
     """How the status names a type's price source (None: the spec's own price)."""
-    for gpu in spec.gpus:
-        if gpu.name != gpu_name or gpu.cost_per_hour_from is None:
-            continue
-        source = gpu.cost_per_hour_from
-        if source.config_map_key_ref is not None:
-            ref = source.config_map_key_ref
-            return f"ConfigMap {ref.name} key {ref.key}"
-        return f"Prometheus {source.prometheus_query}"[:600]
-    return None
+    source = gpu.cost_per_hour_from
+    if source is None:
+        return None
+    if source.config_map_key_ref is not None:
+        ref = source.config_map_key_ref
+        return f"ConfigMap {ref.name} key {ref.key}"
+    return f"Prometheus {source.prometheus_query}"[:600]
 
 
 @dataclass(frozen=True)
