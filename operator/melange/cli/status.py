@@ -309,11 +309,11 @@ def render_table(report: Mapping[str, Any], now: datetime) -> str:
         _plan_lines(plan, now, lines)
 
     pools = list(_mappings(report.get("pools")))
-    lines += ["", "Pools:"]
-    if not pools:
-        lines.append("  none")
-    else:
-        rows = [
+    _section(
+        lines,
+        "Pools",
+        ["GPU", "TARGET", "POLICY", "PLANNED", "ASKED", "OBSERVED", "READY", "LAST SCALE"],
+        [
             [
                 p.get("name") or "?",
                 p.get("target") or "-",
@@ -325,35 +325,34 @@ def render_table(report: Mapping[str, Any], now: datetime) -> str:
                 _age(p.get("lastScaleTime"), now, ago=True),
             ]
             for p in pools
-        ]
-        header = ["GPU", "TARGET", "POLICY", "PLANNED", "ASKED", "OBSERVED", "READY", "LAST SCALE"]
-        lines += _table(header, rows, right={3, 4, 5, 6})
-        for pool in pools:
-            if pool.get("shortSince"):
-                lines.append(
-                    f"  {pool.get('name')}: short of its asked count since "
-                    f"{_when(pool['shortSince'], now)}"
-                )
-        capped = [p for p in pools if isinstance(p.get("cap"), Mapping)]
-        if capped:
-            lines.append("  Capacity caps:")
-            for pool in capped:
-                cap = pool["cap"]
-                text = f"    {pool.get('name')}: at most {_count(cap.get('replicas'))}"
-                if cap.get("since"):
-                    text += f" since {_when(cap['since'], now)}"
-                if cap.get("retryTime"):
-                    text += f"; asked for its full count again {_at(cap['retryTime'], now)}"
-                lines.append(text)
+        ],
+        right={3, 4, 5, 6},
+    )
+    for pool in pools:
+        if pool.get("shortSince"):
+            lines.append(
+                f"  {pool.get('name')}: short of its asked count since "
+                f"{_when(pool['shortSince'], now)}"
+            )
+    capped = [p for p in pools if isinstance(p.get("cap"), Mapping)]
+    if capped:
+        lines.append("  Capacity caps:")
+        for pool in capped:
+            cap = pool["cap"]
+            text = f"    {pool.get('name')}: at most {_count(cap.get('replicas'))}"
+            if cap.get("since"):
+                text += f" since {_when(cap['since'], now)}"
+            if cap.get("retryTime"):
+                text += f"; asked for its full count again {_at(cap['retryTime'], now)}"
+            lines.append(text)
     if report.get("transitionSince"):
         lines.append(f"  Transition under way since {_when(report['transitionSince'], now)}")
 
-    patches = list(_mappings(report.get("recentPatches")))
-    lines += ["", "Last decisions (newest last):"]
-    if not patches:
-        lines.append("  none")
-    else:
-        rows = [
+    _section(
+        lines,
+        "Last decisions (newest last)",
+        ["WHEN", "GPU", "TARGET", "REPLICAS", "REASON"],
+        [
             [
                 _age(p.get("time"), now, ago=True),
                 p.get("name") or "?",
@@ -361,16 +360,14 @@ def render_table(report: Mapping[str, Any], now: datetime) -> str:
                 f"{_count(p.get('from'))} -> {_count(p.get('to'))}",
                 p.get("reason") or "-",
             ]
-            for p in patches
-        ]
-        lines += _table(["WHEN", "GPU", "TARGET", "REPLICAS", "REASON"], rows)
-
-    conditions = list(_mappings(report.get("conditions")))
-    lines += ["", "Conditions:"]
-    if not conditions:
-        lines.append("  none yet")
-    else:
-        rows = [
+            for p in _mappings(report.get("recentPatches"))
+        ],
+    )
+    _section(
+        lines,
+        "Conditions",
+        ["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"],
+        [
             [
                 c.get("type") or "?",
                 c.get("status") or "?",
@@ -378,18 +375,16 @@ def render_table(report: Mapping[str, Any], now: datetime) -> str:
                 _age(c.get("lastTransitionTime"), now),
                 _line(c.get("message") or ""),
             ]
-            for c in conditions
-        ]
-        lines += _table(["TYPE", "STATUS", "REASON", "AGE", "MESSAGE"], rows)
-
+            for c in _mappings(report.get("conditions"))
+        ],
+        empty="none yet",
+    )
     events = report.get("events")
-    lines += ["", "Events (newest last):"]
-    if events is None:
-        lines.append("  cannot be listed")
-    elif not events:
-        lines.append("  none")
-    else:
-        rows = [
+    _section(
+        lines,
+        "Events (newest last)",
+        ["TYPE", "REASON", "AGE", "MESSAGE"],
+        [
             [
                 e.get("type") or "-",
                 e.get("reason") or "-",
@@ -397,8 +392,9 @@ def render_table(report: Mapping[str, Any], now: datetime) -> str:
                 _line(e.get("message") or ""),
             ]
             for e in _mappings(events)
-        ]
-        lines += _table(["TYPE", "REASON", "AGE", "MESSAGE"], rows)
+        ],
+        empty="none" if events is not None else "cannot be listed",
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -486,6 +482,19 @@ def _fields(lines: list[str], indent: str = "", width: int = 12) -> Callable[[st
         lines.append(f"{indent}{(label + ':').ljust(width)}{value}")
 
     return field
+
+
+def _section(
+    lines: list[str],
+    title: str,
+    header: list[str],
+    rows: list[list[str]],
+    empty: str = "none",
+    right: Collection[int] = (),
+) -> None:
+    """A titled block: the rows as a table, or one line saying there are none."""
+    lines += ["", f"{title}:"]
+    lines += _table(header, rows, right=right) if rows else [f"  {empty}"]
 
 
 def _table(
