@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -233,27 +233,43 @@ class Controller:
             metrics.forget_rate_source(*key)
             metrics.forget_state(*key)
 
-    async def _guarded(self, key: Key, state: AllocationState, trigger: str, poll: bool) -> None:
+    async def _settle(self, key: Key, work: Awaitable[None], lost: str) -> Exception | None:
+        """Run a reconcile or a status write. Losing the Lease (`lost` says what that left
+        undone) or the allocation ends it quietly; any other failure is returned."""
         try:
-            async with self._semaphore:
-                await self.reconcile(key, state, trigger, poll)
+            await work
         except asyncio.CancelledError:
             raise
         except NotLeader:
-            log.info("[%s/%s] Lost the Lease: the reconcile stopped before writing", *key)
+            log.info("[%s/%s] Lost the Lease: %s", *key, lost)
         except StatusGone:
             self.forget(key)
         except Exception as exc:
-            # Not at once (no hot loop on a persistent failure): after a pause, as a resync.
-            log.exception(
-                "[%s/%s] Reconcile failed; trying again in %.0f s", *key, SCALE_RETRY_SECONDS
+            return exc
+        return None
+
+    async def _guarded(self, key: Key, state: AllocationState, trigger: str, poll: bool) -> None:
+        async with self._semaphore:
+            failed = await self._settle(
+                key,
+                self.reconcile(key, state, trigger, poll),
+                "the reconcile stopped before writing",
             )
-            metrics.record_error(*key, INTERNAL_ERROR)
-            await self._report_failure(key, state, exc)
-            body = self.bodies.get(key)
-            if body is not None:
-                state.generation = int(body["generation"])
-            state.next_resync = asyncio.get_running_loop().time() + SCALE_RETRY_SECONDS
+        if failed is None:
+            return
+        # Not at once (no hot loop on a persistent failure): after a pause, as a resync.
+        log.error(
+            "[%s/%s] Reconcile failed; trying again in %.0f s",
+            *key,
+            SCALE_RETRY_SECONDS,
+            exc_info=failed,
+        )
+        metrics.record_error(*key, INTERNAL_ERROR)
+        await self._report_failure(key, state, failed)
+        body = self.bodies.get(key)
+        if body is not None:
+            state.generation = int(body["generation"])
+        state.next_resync = asyncio.get_running_loop().time() + SCALE_RETRY_SECONDS
 
     async def _report_failure(self, key: Key, state: AllocationState, exc: Exception) -> None:
         """Say in the status that the reconcile failed (Ready=False, InternalError; a Warning Event
@@ -267,17 +283,11 @@ class Controller:
         )
         work = Work(status=dict(state.status), updates=[ready])
         now = datetime.now(UTC).replace(microsecond=0)
-        try:
-            await self._finish(key, body, state, work, int(body["generation"]), now, "failure")
-        except asyncio.CancelledError:
-            raise
-        except NotLeader:
-            log.info("[%s/%s] Lost the Lease: the failure is not reported", *key)
-        except StatusGone:
-            self.forget(key)
-        except Exception as write:
+        write = self._finish(key, body, state, work, int(body["generation"]), now, "failure")
+        failed = await self._settle(key, write, "the failure is not reported")
+        if failed is not None:
             log.warning(
-                "[%s/%s] Cannot report the failure in the status: %s", *key, failure_message(write)
+                "[%s/%s] Cannot report the failure in the status: %s", *key, failure_message(failed)
             )
 
     # -- one reconcile
