@@ -19,6 +19,7 @@ from melange.cli.util import (
     read_spec,
     read_text,
     require_finite,
+    table_format,
     user_profiles_dir,
 )
 from melange.plan import report
@@ -46,13 +47,7 @@ _DIR = click.option(
 )
 
 
-_TABLE_FORMAT = click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json", "yaml"]),
-    default="table",
-    show_default=True,
-)
+_TABLE_FORMAT = table_format()
 
 
 @profiles_group.command("list")

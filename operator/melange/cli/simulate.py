@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from melange import api
-from melange.cli.util import EXIT_INFEASIBLE, EXIT_INVALID, dump, fail, read_allocation
+from melange.cli.util import (
+    EXIT_INFEASIBLE,
+    EXIT_INVALID,
+    dump,
+    fail,
+    read_allocation,
+    table_format,
+)
 
 if TYPE_CHECKING:
     from melange.tools import simulate as sim
@@ -102,13 +109,7 @@ def parse_gpus(value: str | None) -> dict[str, int] | None:
     help="Replay the requests of this log (`melange workload`'s formats) instead of Poisson "
     "arrivals: at their timestamps, or at the rate when they have none.",
 )
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json", "yaml"]),
-    default="table",
-    show_default=True,
-)
+@table_format()
 def simulate_command(
     file: str,
     rate: float | None,

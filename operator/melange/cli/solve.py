@@ -24,6 +24,7 @@ from melange.cli.util import (
     load_named,
     read_allocation,
     read_spec,
+    table_format,
     user_profiles_dir,
 )
 from melange.plan import report
@@ -32,13 +33,8 @@ from melange.plan import result as plan_result
 
 @click.command()
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json", "yaml"]),
-    default="table",
-    show_default=True,
-    help="Output format; json and yaml hold the full plan including the per-bucket assignment.",
+@table_format(
+    "Output format; json and yaml hold the full plan including the per-bucket assignment."
 )
 @click.option(
     "--rate",

@@ -20,7 +20,7 @@ from typing import Any
 
 import click
 
-from melange.cli.util import EXIT_INVALID, dump, fail
+from melange.cli.util import EXIT_INVALID, dump, fail, table_format
 
 EXIT_NOT_FOUND = 1
 MAX_EVENTS = 10  # the newest ones shown; `kubectl events` lists them all
@@ -41,14 +41,7 @@ NAMESPACE_PATTERN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
     type=click.Path(dir_okay=False),
     help="Kubeconfig file; default: in-cluster credentials, else $KUBECONFIG or ~/.kube/config.",
 )
-@click.option(
-    "-o",
-    "--output",
-    type=click.Choice(["table", "json", "yaml"]),
-    default="table",
-    show_default=True,
-    help="table: for a person; json and yaml: the same as one document of a stable shape.",
-)
+@table_format("table: for a person; json and yaml: the same as one document of a stable shape.")
 def status_command(name: str, namespace: str | None, kubeconfig: str | None, output: str) -> None:
     """Show what the operator decided for the MelangeAllocation NAME, and why.
 

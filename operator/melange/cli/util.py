@@ -11,9 +11,9 @@ import itertools
 import json
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
 import yaml
@@ -69,6 +69,21 @@ def optional_edges(value: str | None) -> list[int] | None:
 OUTPUT_FORMAT = click.option(
     "-o", "--output", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True
 )
+
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def table_format(help: str | None = None) -> Callable[[_Command], _Command]:
+    """`-o table|json|yaml` (default table), for commands that print a table for a person."""
+    return click.option(
+        "-o",
+        "--output",
+        type=click.Choice(["table", "json", "yaml"]),
+        default="table",
+        show_default=True,
+        help=help,
+    )
 
 
 def _read_bytes(path: str) -> bytes:
