@@ -36,22 +36,20 @@ headroom spent as well), the minutes when requests queue. A rate within the drif
 the solved one is short by design (the headroom covers it), so "over" is the service measure.
 Goal: the operator's cost within 5% of the oracle's.
 
-Solves are cached by rate (rounded up to a 0.25% grid) and run in a worker process: HiGHS can run
-past its time limit (see HANG_SECONDS); the output names every rate that did.
+Solves are cached by rate (rounded up to a 0.25% grid).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import random
 import sys
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +74,6 @@ CAPACITY_RETRY_SECONDS = 1800
 RATE_GRID = 0.0025
 GOAL = 0.05  # the operator's cost within 5% of the oracle's
 MAX_RESOLVES_PER_MINUTE = 3  # a capacity cap set or lifted re-solves at once, as the loop does
-# HiGHS 1.16 runs past its time limit on a few of the solver's repair MILPs (mixed.yaml at
-# 18.7996, 40.4625 or 61.2436 req/s never returns), so every solve runs in a worker process and
-# one that has not returned after this long is abandoned and solved again at the next grid rate.
-HANG_SECONDS = 5.0
-MAX_NUDGES = 5
 
 
 def grid(rate: float) -> float:
@@ -91,7 +84,7 @@ def grid(rate: float) -> float:
     return round(math.exp(math.ceil(math.log(rate) / step - 1e-9) * step), 9)
 
 
-# -- solves, in a worker process ------------------------------------------------------------------
+# -- solves ---------------------------------------------------------------------------------------
 
 Caps = tuple[tuple[str, int], ...]
 
@@ -105,47 +98,11 @@ def _capped(spec: api.AllocationSpec, caps: Caps) -> api.AllocationSpec:
     return spec.model_copy(update={"gpus": gpus})
 
 
-def _serve(connection: Connection) -> None:
-    """The worker: plans for requests until it gets None."""
-    while (request := connection.recv()) is not None:
-        spec, rate, caps, current = request
-        if isinstance(caps, tuple):  # a plain solve, the types capped at these counts
-            connection.send(solver.solve_spec(_capped(spec, caps), rate))
-        else:  # the operator's choice
-            connection.send(choose.choose_plan(spec, rate, caps, current).plan)
-
-
 class Solves:
-    """Every solve of the run, cached, in a worker process that a hung solve does not stop."""
+    """Every solve of the run, cached by its inputs."""
 
     def __init__(self) -> None:
-        self.context = multiprocessing.get_context("spawn")
-        self.process: multiprocessing.process.BaseProcess | None = None
-        self.connection: Connection | None = None
         self.cache: dict[tuple[object, ...], Plan] = {}
-        self.hangs: list[float] = []  # the rates abandoned
-        self.hung: set[tuple[object, ...]] = set()  # their requests, not tried again
-
-    def _ask(self, request: tuple[object, ...]) -> Plan | None:
-        if self.process is None or self.connection is None:
-            self.connection, theirs = self.context.Pipe()
-            self.process = self.context.Process(target=_serve, args=(theirs,), daemon=True)
-            self.process.start()
-            theirs.close()
-        self.connection.send(request)
-        if self.connection.poll(HANG_SECONDS):
-            plan: Plan = self.connection.recv()
-            return plan
-        self.close()
-        return None
-
-    def close(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.join()
-        if self.connection is not None:
-            self.connection.close()
-        self.process = self.connection = None
 
     def plan(
         self,
@@ -154,28 +111,22 @@ class Solves:
         rate: float,
         caps: Caps | Mapping[str, transition.Cap],
         current: Mapping[str, int] | None = None,
-    ) -> tuple[float, Plan]:
-        """The plan for `rate` (a grid rate), or, when its solve hangs, for the next grid rate
-        that does not: (the rate solved for, the plan). `caps` as counts: a plain solve; as
-        `Cap`s: `choose.choose_plan` with the counts in force."""
+    ) -> Plan:
+        """The plan for `rate` (a grid rate). `caps` as counts: a plain solve with those types
+        capped; as `Cap`s: `choose.choose_plan` with the counts in force."""
         if isinstance(caps, tuple):
             shape: object = caps
         else:
             shape = tuple(sorted((n, c.replicas) for n, c in caps.items()))
         held = tuple(sorted(current.items())) if current else None
-        for _ in range(MAX_NUDGES):
-            cache_key = (key, rate, isinstance(caps, tuple), shape, held)
-            if cache_key not in self.cache:
-                plan = None if cache_key in self.hung else self._ask((spec, rate, caps, current))
-                if plan is None:
-                    if cache_key not in self.hung:
-                        self.hangs.append(rate)
-                    self.hung.add(cache_key)
-                    rate = grid(rate * (1 + RATE_GRID) * (1 + 1e-6))
-                    continue
-                self.cache[cache_key] = plan
-            return rate, self.cache[cache_key]
-        raise RuntimeError(f"{MAX_NUDGES} solves in a row did not return, the last at {rate}")
+        cache_key = (key, rate, isinstance(caps, tuple), shape, held)
+        if cache_key not in self.cache:
+            if isinstance(caps, tuple):
+                plan = solver.solve_spec(_capped(spec, caps), rate)
+            else:
+                plan = choose.choose_plan(spec, rate, caps, current).plan
+            self.cache[cache_key] = plan
+        return self.cache[cache_key]
 
 
 # -- the trace ------------------------------------------------------------------------------------
@@ -346,7 +297,7 @@ class Tally:
         return self.gpu_minutes / 60
 
 
-class Strategy:
+class Strategy(ABC):
     """Pools plus a policy that sets their counts once a minute."""
 
     def __init__(self, name: str, spec: api.AllocationSpec, startup: int) -> None:
@@ -373,8 +324,9 @@ class Strategy:
             self.pools[name].set_count(count, minute, self.startup)
         self.tally.record_counts(before, self.counts())
 
+    @abstractmethod
     def act(self, minute: int, observed: float) -> None:
-        raise NotImplementedError
+        """What the strategy does at this minute, having seen this rate."""
 
 
 class Static(Strategy):
@@ -398,7 +350,7 @@ class Oracle(Strategy):
         caps: Caps = ()
         if self.trace.in_outage(minute):
             caps = ((self.trace.outage_gpu, self.pools[self.trace.outage_gpu].count),)
-        _, plan = self.solves.plan("full", self.spec, grid(observed), caps)
+        plan = self.solves.plan("full", self.spec, grid(observed), caps)
         if not plan.solved:
             return
         targets = decide.desired_replicas(self.spec, plan)
@@ -438,8 +390,8 @@ class Operator(Strategy):
         inputs = (self.rate, tuple(sorted((n, c.replicas) for n, c in caps.items())))
         if self.solved is not None and self.solved[0] == inputs:
             return self.solved[1]
-        self.rate, plan = self.solves.plan(self.name, self.spec, self.rate, caps, current)
-        self.solved = ((self.rate, inputs[1]), plan)
+        plan = self.solves.plan(self.name, self.spec, self.rate, caps, current)
+        self.solved = (inputs, plan)
         if plan.solved:
             self.planned = plan.replicas()
         return plan
@@ -513,7 +465,6 @@ class Result:
     single_gpu: str
     tallies: tuple[Tally, ...]
     solves: int
-    hangs: tuple[float, ...]  # rates whose solve did not return (solved at the next grid rate)
     seconds: float
 
     def tally(self, name: str) -> Tally:
@@ -553,7 +504,7 @@ def run(
     rates_ = diurnal(spec.workload.total_rate, minutes, day, seed)
 
     solves = Solves()
-    _, peak = solves.plan("full", spec, grid(max(rates_)), ())
+    peak = solves.plan("full", spec, grid(max(rates_)), ())
     assert peak.solved, peak.reason
     by_cost = {g.name: g.cost_per_hour for g in peak.gpus}
     outage_gpu = max(by_cost, key=lambda n: by_cost[n])
@@ -567,7 +518,7 @@ def run(
     static = Static("static peak", spec, startup)
     static.start(decide.desired_replicas(spec, peak))
     oracle = Oracle(spec, trace, solves, startup)
-    _, first = solves.plan("full", spec, grid(rates_[0]), ())
+    first = solves.plan("full", spec, grid(rates_[0]), ())
     oracle.start(decide.desired_replicas(spec, first))
     strategies: list[Strategy] = [
         Operator("today", spec, rates_[0], solves, startup),
@@ -598,7 +549,6 @@ def run(
                     tally.over_outage += 1
                 else:
                     tally.over_outside += 1
-    solves.close()
     return Result(
         example,
         trace,
@@ -606,7 +556,6 @@ def run(
         single_gpu,
         tuple(s.tally for s in strategies),
         len(solves.cache),
-        tuple(solves.hangs),
         time.perf_counter() - began,
     )
 
@@ -681,9 +630,7 @@ def describe(result: Result) -> str:
         f"{WINDOW_SECONDS} s, readyTimeout = capacityTimeout = {2 * result.startup * 60} s, "
         f"capacityRetry {CAPACITY_RETRY_SECONDS} s, minSavings {MIN_SAVINGS:.0%}\n"
         f"solves cached by rate rounded up to a {RATE_GRID:.2%} grid: {result.solves} distinct "
-        f"solves, {result.seconds:.1f} s in all; solves abandoned after {HANG_SECONDS:g} s "
-        f"(HiGHS past its time limit) and solved at the next grid rate: "
-        f"{', '.join(f'{r:.4f}' for r in result.hangs) or 'none'}"
+        f"solves, {result.seconds:.1f} s in all"
     )
 
 
