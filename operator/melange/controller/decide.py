@@ -257,14 +257,23 @@ def activation_note(value: float | None, rate: float, note: str | None) -> str:
     return f"{woken}; {note}" if note else woken
 
 
+def status_entries(status: Mapping[str, Any], field: str) -> list[Mapping[str, Any]]:
+    """The entries of a list in the status that are objects (none when it is absent or is not a
+    list): a status is read as the API server stored it, whatever wrote it."""
+    value = status.get(field)
+    return (
+        [entry for entry in value if isinstance(entry, Mapping)] if isinstance(value, list) else []
+    )
+
+
 def planned_counts(status: Mapping[str, Any]) -> dict[str, int] | None:
     """The counts of the plan in force (status.gpus), or None before the first plan."""
-    entries = status.get("gpus")
-    if not isinstance(entries, list) or not entries:
+    entries = status_entries(status, "gpus")
+    if not entries:
         return None
     counts = {}
     for entry in entries:
-        if isinstance(entry, Mapping) and isinstance(entry.get("name"), str):
+        if isinstance(entry.get("name"), str):
             replicas = entry.get("replicas")
             counts[entry["name"]] = replicas if isinstance(replicas, int) else 0
     return counts
@@ -394,9 +403,7 @@ def pool_action(
 def pool_records(status: Mapping[str, Any]) -> dict[str, PoolRecord]:
     """The records persisted in `status.targets`, by GPU name (malformed entries are ignored)."""
     records = {}
-    for entry in status.get("targets") or ():
-        if not isinstance(entry, Mapping):
-            continue
+    for entry in status_entries(status, "targets"):
         name, target = entry.get("name"), entry.get("target")
         desired, observed = entry.get("desiredReplicas"), entry.get("observedReplicas")
         if (
@@ -556,9 +563,7 @@ def caps_status(caps: Mapping[str, Cap]) -> list[dict[str, Any]] | None:
 
 def caps_from_status(status: Mapping[str, Any]) -> dict[str, Cap]:
     caps = {}
-    for entry in status.get("gpuCaps") or ():
-        if not isinstance(entry, Mapping):
-            continue
+    for entry in status_entries(status, "gpuCaps"):
         name, replicas = entry.get("name"), entry.get("replicas")
         since, retry = (
             rates.parse_time(entry.get("since")),
