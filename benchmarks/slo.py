@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).parents[1]))
 
 from melange import api
 from melange.cli.simulate import engines_for
+from melange.plan import routing as route
 from melange.plan import solver
 from melange.plan.problem import Problem
 from melange.plan.report import format_table
-from melange.route import table as route
 from melange.tools import simulate as sim
 
 EXAMPLES = Path(__file__).parents[1] / "examples"

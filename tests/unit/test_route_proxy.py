@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 
 from melange.cli import main
 from melange.cli.route import parse_upstreams
+from melange.plan import routing as route
 from melange.route import request as rq
-from melange.route import table as route
 
 WORDS = rq.char_estimate(1.0)  # a character a token: lengths are easy to read
 

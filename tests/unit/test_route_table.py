@@ -13,12 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from melange import api
+from melange.plan import routing as route
 from melange.plan import solver
 from melange.plan.problem import GpuOption, Problem
-from melange.route import table as route
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
-SCHEMA = Path(route.__file__).with_name("schema.json")
+SCHEMA = Path(route.__file__).with_name("routing-schema.json")
 # the project's profile: derandomized (a fixed seed) wherever it runs, as CI runs every property
 SETTINGS = settings(
     settings.get_profile("ci"),

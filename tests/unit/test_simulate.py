@@ -16,9 +16,9 @@ from click.testing import CliRunner
 
 from melange import api
 from melange.cli import main
+from melange.plan import routing as route
 from melange.plan import solver
 from melange.plan.problem import Problem
-from melange.route import table as route
 from melange.tools import perfmodel, profiles
 from melange.tools import simulate as sim
 

@@ -21,7 +21,7 @@ from melange.cli.util import EXIT_INFEASIBLE, EXIT_INVALID, fail, read_allocatio
 from melange.route import request as rq
 
 if TYPE_CHECKING:
-    from melange.route.table import RouteTable
+    from melange.plan.routing import RouteTable
 
 
 def parse_upstreams(values: tuple[str, ...]) -> dict[str, list[str]]:
@@ -41,9 +41,9 @@ def parse_upstreams(values: tuple[str, ...]) -> dict[str, list[str]]:
 def allocation_table(spec: api.AllocationSpec, rate: float | None) -> RouteTable:
     """The routing table of the plan solved for `spec` (at `rate`); raises ValueError when the
     plan is not solved."""
+    from melange.plan import routing as route
     from melange.plan import solver
     from melange.plan.problem import Problem
-    from melange.route import table as route
 
     problem = Problem.from_spec(spec, rate=rate)
     plan = solver.solve(problem, started=time.monotonic())
@@ -94,7 +94,7 @@ def tokenizer_counter(path: Path) -> rq.TextCounter:
     "--table",
     "table_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The routing table's JSON (route.table.to_dict); re-read when it changes.",
+    help="The routing table's JSON (plan.routing.to_dict); re-read when it changes.",
 )
 @click.option(
     "--allocation",
@@ -159,7 +159,7 @@ def route_command(
 ) -> None:
     """Serve an OpenAI-compatible proxy that sends each request to the GPU type sized for it.
 
-    Give the routing table (--table, as `melange.route.table.to_dict` writes it) or an
+    Give the routing table (--table, as `melange.plan.routing.to_dict` writes it) or an
     allocation to solve (--allocation), and the engines of each GPU type (--upstream). Serves
     POST /v1/completions and /v1/chat/completions (streamed through unchanged), GET /v1/models,
     /metrics and /healthz. A type that refuses a request (down, 429, 503) passes it to another.

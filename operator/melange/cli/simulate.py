@@ -159,9 +159,9 @@ def simulate_command(
                 EXIT_INVALID,
             )
 
+    from melange.plan import routing as route
     from melange.plan import solver
     from melange.plan.problem import Problem
-    from melange.route import table as route
     from melange.tools import simulate as sim
 
     engines = engines_for(spec, tpot)

@@ -2,10 +2,10 @@
 sized for its size (docs/routing.md#melange-route).
 
 Per request: estimate the input length (`melange.route.request`), draw a type from the routing
-table (`route.table.pick`), and within the type take the upstream with the fewest requests in
+table (`plan.routing.pick`), and within the type take the upstream with the fewest requests in
 flight. A type that cannot take the request before any byte went to the client (no live
 upstream, a connection error on each, or an answer 429/503) is left for the others, through
-`route.table.restricted`, once per type; with none left the client gets a 503. The answer's
+`plan.routing.restricted`, once per type; with none left the client gets a 503. The answer's
 status, headers and body bytes pass through unchanged as they arrive; a client that goes away
 closes the upstream connection, which is how an engine learns to stop generating.
 
@@ -38,8 +38,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from melange.plan import routing as route
 from melange.route import request as rq
-from melange.route import table as route
 
 log = logging.getLogger("melange.route")
 
@@ -185,7 +185,7 @@ TableLoader = Callable[[], route.RouteTable]
 
 
 def file_loader(path: str | os.PathLike[str]) -> TableLoader:
-    """Reads the JSON form of a table (route.table.to_dict) from `path`; raises ValueError."""
+    """Reads the JSON form of a table (plan.routing.to_dict) from `path`; raises ValueError."""
 
     def load() -> route.RouteTable:
         try:

@@ -52,7 +52,7 @@ matches the profile's throughput matrix:
   largest relative error against the matrix is reported (`Engine.fit_error`), because a measured
   matrix need not follow any such form.
 
-**Routing**: `size-aware` asks a chooser (a routing table's `pick`, `melange.route.table.chooser`;
+**Routing**: `size-aware` asks a chooser (a routing table's `pick`, `melange.plan.routing.chooser`;
 this module depends on no router) for the type by input length (`size-aware-output`: and output
 length), then sends the request to that type's instance with the fewest outstanding requests;
 `round-robin` sends it to every instance in turn, whatever its type and the request's size.
@@ -677,7 +677,7 @@ def simulate(
     `routing`: size-aware, the type `choose` gives for the input length (and with
     `size-aware-output` the output length), then the least outstanding instance of it; or round
     robin over every instance, whatever its type and the request's size. `choose` is a routing
-    table's `pick` (`melange.route.table.chooser`): the simulation depends on no router."""
+    table's `pick` (`melange.plan.routing.chooser`): the simulation depends on no router."""
     if routing not in ROUTINGS:
         raise ValueError(f"unknown routing {routing!r}; use one of {', '.join(ROUTINGS)}")
     if routing != "round-robin" and choose is None:
