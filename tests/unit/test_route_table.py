@@ -8,6 +8,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -212,18 +213,36 @@ def test_buckets_without_planned_traffic_are_routed_by_capacity() -> None:
 
 
 def test_the_json_form_round_trips_and_matches_its_schema() -> None:
-    _, table, _ = example("mixed.yaml")
-    data = route.to_dict(table)
-    again = route.from_dict(json.loads(json.dumps(data)))
-    assert again.gpus == table.gpus
-    assert again.input_edges == table.input_edges
-    for a, b in zip(again.by_input, table.by_input, strict=True):
-        assert a == pytest.approx(b, abs=1e-11)
+    _, plain, _ = example("mixed.yaml")
+    first, second = plain.gpus[:2]
+    table = route.with_upstreams(
+        plain,
+        {
+            first: route.Upstream(service="llama-a", port=8000),
+            second: route.Upstream(service="llama-b", port="http", namespace="serving"),
+            "not-in-the-table": route.Upstream(service="x", port=1),
+        },
+    )
+    assert [gpu for gpu, _ in table.upstreams] == [first, second]
     schema = json.loads(SCHEMA.read_text(encoding="utf-8"))
     assert schema["properties"]["schemaVersion"] == {"const": route.SCHEMA_VERSION}
-    assert set(schema["required"]) <= set(data) <= set(schema["properties"])
-    assert set(data["loads"]) == set(schema["properties"]["loads"]["properties"])
-    assert set(data["buckets"]) == set(schema["properties"]["buckets"]["required"])
+    for each in (plain, table):
+        data = route.to_dict(each)
+        jsonschema.Draft202012Validator(schema).validate(data)
+        again = route.from_dict(json.loads(json.dumps(data)))
+        assert again.gpus == each.gpus
+        assert again.input_edges == each.input_edges
+        assert again.upstreams == each.upstreams
+        for a, b in zip(again.by_input, each.by_input, strict=True):
+            assert a == pytest.approx(b, abs=1e-11)
+    assert route.to_dict(table)["upstreams"][second] == {
+        "namespace": "serving",
+        "service": "llama-b",
+        "port": "http",
+    }
+    assert table.upstream(first) == route.Upstream(service="llama-a", port=8000)
+    assert "upstreams" not in route.to_dict(plain)
+    assert plain.upstream(first) is None
 
 
 @pytest.mark.parametrize(
@@ -232,6 +251,10 @@ def test_the_json_form_round_trips_and_matches_its_schema() -> None:
         ({"schemaVersion": 2}, "schemaVersion: must be 1, got 2"),
         ({"byInput": [[1.0]]}, "input rows"),
         ({"gpus": None}, "not a routing table"),
+        ({"upstreams": {"nope": {"service": "s", "port": 1}}}, "nope is not a GPU type"),
+        ({"upstreams": {"L4": {"port": 1}}}, r"upstreams.L4.service: must be a Service name"),
+        ({"upstreams": {"L4": {"service": "s", "port": True}}}, r"upstreams.L4.port"),
+        ({"upstreams": []}, "upstreams: must be a mapping"),
     ],
 )
 def test_another_version_or_shape_is_refused(change: dict[str, object], message: str) -> None:

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,15 @@ Shares = tuple[float, ...]
 
 
 @dataclass(frozen=True)
+class Upstream:
+    """Where a GPU type's model servers are: a Service (its EndpointSlices list the servers)."""
+
+    service: str
+    port: int | str  # the Service port's number or name
+    namespace: str | None = None  # None: the namespace of whoever reads the table
+
+
+@dataclass(frozen=True)
 class RouteTable:
     """A plan's routing table; shares are per GPU type, in the order of `gpus`, and sum to 1."""
 
@@ -70,6 +79,7 @@ class RouteTable:
     plan_load: tuple[float, ...] = ()  # instances' worth the plan sized each type for
     input_load: tuple[float, ...] = ()  # the expected load of each type under `by_input`
     input_load_error: float = 0.0  # max_g |input_load_g / plan_load_g - 1| over the used types
+    upstreams: tuple[tuple[str, Upstream], ...] = ()  # (gpu, its servers), for the types that have
     _cumulative_input: tuple[Shares, ...] = field(default=(), init=False, repr=False, compare=False)
     _cumulative_bucket: tuple[tuple[Shares, ...], ...] = field(
         default=(), init=False, repr=False, compare=False
@@ -87,12 +97,24 @@ class RouteTable:
                 raise ValueError(f"every share list needs {types} shares within 0..1")
         if any(len(row) != cols for row in self.by_bucket):
             raise ValueError(f"every row of byBucket needs {cols} output buckets")
+        if unknown := sorted({gpu for gpu, _ in self.upstreams} - set(self.gpus)):
+            raise ValueError(f"upstreams: {', '.join(unknown)} is not a GPU type of the table")
         object.__setattr__(self, "_cumulative_input", tuple(map(_cumulative, self.by_input)))
         object.__setattr__(
             self,
             "_cumulative_bucket",
             tuple(tuple(map(_cumulative, row)) for row in self.by_bucket),
         )
+
+    def upstream(self, gpu: str) -> Upstream | None:
+        """The servers of `gpu`, when the table names them."""
+        return dict(self.upstreams).get(gpu)
+
+
+def with_upstreams(table: RouteTable, upstreams: Mapping[str, Upstream]) -> RouteTable:
+    """`table` naming the servers of its types (an allocation's `gpus[].upstream`)."""
+    named = tuple((gpu, upstreams[gpu]) for gpu in table.gpus if gpu in upstreams)
+    return replace(table, upstreams=named)
 
 
 def _cumulative(shares: Shares) -> Shares:
@@ -385,12 +407,12 @@ def load_under(table: RouteTable, problem: Problem, by_bucket: bool) -> list[flo
 
 
 def to_dict(table: RouteTable) -> dict[str, Any]:
-    """The versioned JSON form (schema: `schema.json` next to this module, docs/routing.md)."""
+    """The versioned JSON form (schema: `routing-schema.json` next to this module, docs/routing.md)."""
 
     def rounded(shares: Shares) -> list[float]:
         return [round(s, _SHARE_DIGITS) for s in shares]
 
-    return {
+    document: dict[str, Any] = {
         "schemaVersion": SCHEMA_VERSION,
         "buckets": {
             "inputTokens": list(table.input_edges),
@@ -405,6 +427,29 @@ def to_dict(table: RouteTable) -> dict[str, Any]:
             "byInputError": round(table.input_load_error, _SHARE_DIGITS),
         },
     }
+    if table.upstreams:
+        document["upstreams"] = {
+            gpu: {
+                **({"namespace": up.namespace} if up.namespace else {}),
+                "service": up.service,
+                "port": up.port,
+            }
+            for gpu, up in table.upstreams
+        }
+    return document
+
+
+def _upstream(gpu: str, data: Any) -> Upstream:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"upstreams.{gpu}: must be a mapping")
+    service, port, namespace = data.get("service"), data.get("port"), data.get("namespace")
+    if not isinstance(service, str) or not service:
+        raise ValueError(f"upstreams.{gpu}.service: must be a Service name")
+    if isinstance(port, bool) or not isinstance(port, int | str) or port in ("", 0):
+        raise ValueError(f"upstreams.{gpu}.port: must be a port number or name")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise ValueError(f"upstreams.{gpu}.namespace: must be a namespace name")
+    return Upstream(service=service, port=port, namespace=namespace)
 
 
 def from_dict(data: Any) -> RouteTable:
@@ -421,6 +466,9 @@ def from_dict(data: Any) -> RouteTable:
     loads = data.get("loads", {})
     if not isinstance(loads, Mapping):
         raise ValueError("loads: must be a mapping")
+    upstreams = data.get("upstreams", {})
+    if not isinstance(upstreams, Mapping):
+        raise ValueError("upstreams: must be a mapping")
     try:
         return RouteTable(
             input_edges=tuple(int(e) for e in buckets["inputTokens"]),
@@ -433,6 +481,7 @@ def from_dict(data: Any) -> RouteTable:
             plan_load=tuple(float(v) for v in loads.get("plan", ())),
             input_load=tuple(float(v) for v in loads.get("byInput", ())),
             input_load_error=float(loads.get("byInputError", 0.0)),
+            upstreams=tuple((str(gpu), _upstream(str(gpu), up)) for gpu, up in upstreams.items()),
         )
     except KeyError as exc:
         raise ValueError(f"{exc.args[0]}: is required") from None
