@@ -408,6 +408,31 @@ CASES = [
         True,
     ),
     Case("costPerHourFrom", at("gpus.0.costPerHourFrom", {}), False),
+    *(
+        Case("gpus.upstream.port", at("gpus.0.upstream", {"service": "llama", "port": port}), ok)
+        for port, ok in (
+            (1, True),
+            (65535, True),
+            (0, False),
+            (65536, False),
+            ("http", True),
+            ("a" * 15, True),
+            ("a" * 16, False),
+            ("HTTP", False),
+            ("8080", False),
+            ("-http", False),
+            ("", False),
+            (True, False),
+        )
+    ),
+    *(
+        Case("gpus.upstream.service", at("gpus.0.upstream", {"service": service, "port": 80}), ok)
+        for service, ok in (("llama-8b", True), ("Llama", False), ("8b", False), ("a" * 64, False))
+    ),
+    Case("gpus.upstream", at("gpus.0.upstream", {"service": "llama"}), False),
+    Case("routing.publishConfigMap", at("routing", {"publishConfigMap": True}), True),
+    Case("routing.publishConfigMap", at("routing", {"publishConfigMap": "yes"}), False),
+    Case("routing", at("routing", {"configMap": True}), False),
     Case(
         "costPerHourFrom",
         at("gpus.0.costPerHourFrom", {"configMapKeyRef": REF, "prometheusQuery": "spot"}),

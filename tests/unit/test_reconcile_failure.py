@@ -77,6 +77,14 @@ class FailingKube:
     ) -> tuple[str | None, str | None]:
         return None, None
 
+    def publish_routing(
+        self, namespace: str, name: str, owner: Mapping[str, Any], key: str, text: str
+    ) -> bool:
+        raise AssertionError("these specs publish no routing table")
+
+    def unpublish_routing(self, namespace: str, name: str, owner_uid: str) -> None:
+        raise AssertionError("these specs published no routing table")
+
 
 def body() -> dict[str, Any]:
     return {

@@ -22,6 +22,7 @@ TRANSITIONING = "Transitioning"
 CAPACITY_LIMITED = "CapacityLimited"
 BUDGET_LIMITED = "BudgetLimited"
 PRICES_OBSERVED = "PricesObserved"
+ROUTING_PUBLISHED = "RoutingPublished"
 ORDER = (
     READY,
     SOLVED,
@@ -32,6 +33,7 @@ ORDER = (
     RATE_OBSERVED,
     DISTRIBUTION_OBSERVED,
     PRICES_OBSERVED,
+    ROUTING_PUBLISHED,
 )
 
 

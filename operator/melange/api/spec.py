@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError
+from pydantic_core import PydanticCustomError
 
 API_GROUP = "melange.dev"
 API_VERSION = "v1alpha1"
@@ -47,6 +48,8 @@ REPLICAS_PATH_PATTERN = r"^(/[^/]+)+$"
 # so nothing in the URL can move the query endpoint the operator appends to its path.
 URL_PATTERN = r"^https?://[^/?#@\\\s]+(/[^?#\\\s]*)?$"
 POLICIES = ("Enforce", "Observe")
+SERVICE_NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # a Service name (an RFC 1035 label)
+PORT_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # a Service port's name (IANA_SVC_NAME)
 
 
 def _integral(value: Any) -> Any:
@@ -54,6 +57,25 @@ def _integral(value: Any) -> Any:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
+
+
+def _service_port(value: Any) -> int | str:
+    """A Service port as a Service's targetPort is written: a number or a name (IntOrString)."""
+    value = _integral(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    if (
+        isinstance(value, str)
+        and len(value) <= 15
+        and re.fullmatch(PORT_NAME_PATTERN, value)
+        and re.search("[a-z]", value)  # "8080" is a number written as a string, not a name
+    ):
+        return value
+    raise PydanticCustomError(
+        "service_port",
+        "must be a port number (1..65535) or a port name (lower case letters, digits and '-', "
+        "with a letter, at most 15 characters)",
+    )
 
 
 Integer = Annotated[int, BeforeValidator(_integral)]
@@ -135,6 +157,22 @@ class PriceSource(_Model):
     )
 
 
+class Upstream(_Model):
+    """The model servers of a GPU type, for a router: a Service in the allocation's namespace
+    (its EndpointSlices list the servers) and one of its ports, by number or name."""
+
+    service: str = Field(min_length=1, max_length=63, pattern=SERVICE_NAME_PATTERN)
+    port: Annotated[int | str, PlainValidator(_service_port)]
+
+
+class Routing(_Model):
+    """What the operator publishes for a router, besides status.inputRouting."""
+
+    # Write the routing table to the ConfigMap <allocation>-routing (key table.json), owned by
+    # the allocation; a ConfigMap of that name the allocation does not own is never changed.
+    publish_config_map: bool = Field(default=False, alias="publishConfigMap")
+
+
 class GpuType(_Model):
     name: str = Field(min_length=1, max_length=63, pattern=GPU_NAME_PATTERN)
     # bounded so that a plan's cost (at most 16 x 10,000 instances) is a finite number
@@ -169,6 +207,7 @@ class GpuType(_Model):
     priority: Integer | None = Field(default=None, ge=0, le=1000)
     # costPerHour is the price until the source is first read, and whenever it never was
     cost_per_hour_from: PriceSource | None = Field(default=None, alias="costPerHourFrom")
+    upstream: Upstream | None = None
 
 
 class PrometheusSource(_Model):
@@ -230,6 +269,7 @@ class AllocationSpec(_Model):
     # A price read from a gpus[].costPerHourFrom source re-solves when it moved by more than this
     # fraction from the price the plan was solved with.
     price_tolerance: Number = Field(default=0.05, alias="priceTolerance", ge=0, le=10)
+    routing: Routing | None = None
 
 
 @dataclass(frozen=True)
@@ -322,6 +362,8 @@ def _pydantic_message(error: Mapping[str, Any]) -> str:
         return f"must be a finite number, got {_show(value)}"
     if kind == "missing":
         return "is required"
+    if kind == "service_port":
+        return f"{error['msg']}, got {_show(value)}"
     if kind == "extra_forbidden":
         return "is not a known field"
     if kind == "too_short":

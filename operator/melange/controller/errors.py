@@ -13,3 +13,12 @@ class NotLeader(Exception):
 
 class StatusGone(Exception):
     """The allocation was deleted while it was being reconciled."""
+
+
+class PublishError(Exception):
+    """The routing table could not be written to its ConfigMap; `reason` is the condition's."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

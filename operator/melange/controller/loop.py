@@ -21,13 +21,14 @@ from typing import Any
 
 from melange import api
 from melange.api import conditions
-from melange.controller import choose, decide, metrics
-from melange.controller.errors import NotLeader, StatusGone
+from melange.controller import choose, decide, metrics, routing
+from melange.controller.errors import NotLeader, PublishError, StatusGone
 from melange.controller.observe import Observer
 from melange.controller.pools import Pools
 from melange.controller.settings import Settings
 from melange.controller.state import (
     AllocationState,
+    EventSpec,
     Key,
     Kube,
     RateState,
@@ -393,6 +394,7 @@ class Controller:
             )
             if budgeted:
                 self.asked[key] = {} if spec.dry_run else decide.asked_counts(work.status)
+        await self._publish(key, body, spec, state, work)
         scaled = result.scaled
         note = state.choice.note if state.choice else None
         if woken:
@@ -412,6 +414,70 @@ class Controller:
         elif result.moving:
             loop_now = asyncio.get_running_loop().time()
             state.next_resync = min(state.next_resync, loop_now + TRANSITION_POLL_SECONDS)
+
+    async def _publish(
+        self,
+        key: Key,
+        body: Mapping[str, Any],
+        spec: api.AllocationSpec,
+        state: AllocationState,
+        work: Work,
+    ) -> None:
+        """Write the plan's routing table to its ConfigMap (spec.routing.publishConfigMap), or
+        remove the one written before once publishing is turned off."""
+        namespace, name = key
+        wanted = spec.routing is not None and spec.routing.publish_config_map
+        written = work.status.get("routingConfigMap")
+        if not wanted:
+            work.dropped.append(conditions.ROUTING_PUBLISHED)
+            state.published = None
+            if isinstance(written, str) and not spec.dry_run:
+                try:
+                    await asyncio.to_thread(
+                        self.kube.unpublish_routing, namespace, written, str(body.get("uid"))
+                    )
+                    work.status["routingConfigMap"] = None
+                except PublishError as exc:
+                    log.warning("[%s/%s] Cannot remove the routing table: %s", *key, exc)
+            return
+        config_map = routing.config_map_name(name)
+        if config_map is None:
+            work.updates.append(routing.name_too_long(name))
+            return
+        if spec.dry_run:
+            work.updates.append(
+                routing.unpublished("DryRun", "dryRun is set, so no ConfigMap is written")
+            )
+            return
+        if state.table is None:
+            work.updates.append(
+                routing.unpublished(
+                    "NoTable",
+                    "no routing table for the current plan (see the operator's log); the "
+                    "ConfigMap keeps the last one",
+                )
+            )
+            return
+        text = routing.document(state.table, namespace)
+        if state.published == (config_map, text):
+            work.updates.append(routing.published(config_map))
+            return
+        owner = {"name": name, "uid": body.get("uid")}
+        try:
+            changed = await asyncio.to_thread(
+                self.kube.publish_routing, namespace, config_map, owner, routing.TABLE_KEY, text
+            )
+        except PublishError as exc:
+            log.warning("[%s/%s] Routing table not published: %s", *key, exc.message)
+            work.updates.append(routing.unpublished(exc.reason, exc.message))
+            if exc.reason == "ConfigMapConflict":
+                work.events.append(EventSpec("Warning", "ConfigMapConflict", exc.message))
+            return
+        state.published = (config_map, text)
+        work.status["routingConfigMap"] = config_map
+        work.updates.append(routing.published(config_map))
+        if changed:
+            log.info("[%s/%s] Routing table written to ConfigMap %s", *key, config_map)
 
     async def _solve(
         self,
@@ -452,6 +518,12 @@ class Controller:
             return state.solved[1]
         choice = await asyncio.to_thread(choose.choose_plan, spec, rate, caps, current, budgets)
         plan = choice.plan
+        state.table = None
+        if plan.solved:
+            try:
+                state.table = await asyncio.to_thread(routing.table_for, spec, rate, plan)
+            except ValueError as exc:  # the pools still follow the plan; the router keeps its table
+                log.warning("[%s/%s] No routing table for the plan: %s", *key, exc)
         state.solved = (inputs, plan)
         state.choice = choice
         metrics.record_plan(*key, plan, SOLVE_TRIGGERS[reason])
@@ -462,6 +534,7 @@ class Controller:
             work.status["solvedDistribution"] = fitted  # None deletes: the spec's own matrix
         if plan.solved:
             work.status.update(decide.plan_status(plan, now))
+            work.status.update(routing.input_routing_status(state.table))
         else:
             work.status["planStatus"] = plan.status
         return plan

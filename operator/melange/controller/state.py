@@ -16,6 +16,7 @@ from melange import api
 from melange.api import conditions
 from melange.api.conditions import Condition
 from melange.plan.result import Plan
+from melange.plan.routing import RouteTable
 from melange.signals import rates
 
 if TYPE_CHECKING:  # choose imports the solver; the state only names its result
@@ -53,6 +54,12 @@ class Kube(Protocol):
     ) -> None: ...
 
     def price(self, namespace: str, ref: api.SecretKeyRef) -> str: ...
+
+    def publish_routing(
+        self, namespace: str, name: str, owner: Mapping[str, Any], key: str, text: str
+    ) -> bool: ...
+
+    def unpublish_routing(self, namespace: str, name: str, owner_uid: str) -> None: ...
 
     def credentials(
         self, namespace: str, source: api.PrometheusSource
@@ -134,6 +141,8 @@ class AllocationState:
     solved: tuple[tuple[Any, ...], Plan] | None = None
     choice: Choice | None = None  # the last choice: why the plan acted on is what it is
     prices_condition: Condition | None = None  # the current PricesObserved
+    table: RouteTable | None = None  # the routing table of the plan in `solved`
+    published: tuple[str, str] | None = None  # (ConfigMap, its table.json) as last written
     task: asyncio.Task[None] | None = None
 
 

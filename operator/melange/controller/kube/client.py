@@ -42,7 +42,7 @@ from kubernetes.dynamic.exceptions import (
 )
 
 from melange import api
-from melange.controller.errors import NotLeader, ScaleError, StatusGone
+from melange.controller.errors import NotLeader, PublishError, ScaleError, StatusGone
 from melange.controller.lease import LeaseRecord
 from melange.signals import prices
 from melange.signals.rates import CredentialsUnavailable
@@ -303,6 +303,26 @@ def _reason(exc: ApiException) -> str:
     return str(getattr(exc, "reason", "") or exc)
 
 
+def _owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "api_version": f"{GROUP}/{VERSION}",
+        "kind": api.KIND,
+        "name": owner["name"],
+        "uid": owner["uid"],
+        "controller": True,
+    }
+
+
+def _publish_error(where: str, exc: ApiException) -> PublishError:
+    if exc.status == 403:
+        return PublishError(
+            "Forbidden",
+            f"{where}: forbidden (RBAC): the operator may not write ConfigMaps here "
+            "(the chart grants it with rbac.routingConfigMaps)",
+        )
+    return PublishError("WriteFailed", f"{where}: {_reason(exc)}")
+
+
 class KubeClient:
     """All of the operator's reads and writes. `may_write` is asked right before every write."""
 
@@ -508,6 +528,85 @@ class KubeClient:
         assert event is not None
         self._guard()
         self._core.create_namespaced_event(namespace, event, field_manager=FIELD_MANAGER)
+
+    # -- the routing table's ConfigMap
+
+    def publish_routing(
+        self, namespace: str, name: str, owner: Mapping[str, Any], key: str, text: str
+    ) -> bool:
+        """Create the ConfigMap `name` holding `text` at `key`, owned by `owner` (the allocation:
+        apiVersion, kind, name, uid), or update one it already owns; True when something was
+        written. One it does not own is left as it is (PublishError `ConfigMapConflict`)."""
+        where = f"ConfigMap {namespace}/{name}"
+        try:
+            current = self._core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _publish_error(where, exc) from None
+            current = None
+        if current is None:
+            body = k8s.V1ConfigMap(
+                metadata=k8s.V1ObjectMeta(
+                    name=name,
+                    namespace=namespace,
+                    labels={
+                        "app.kubernetes.io/managed-by": COMPONENT,
+                        "melange.dev/allocation": str(owner["name"])[:63],
+                    },
+                    owner_references=[k8s.V1OwnerReference(**_owner_reference(owner))],
+                ),
+                data={key: text},
+            )
+            self._guard()
+            try:
+                self._core.create_namespaced_config_map(
+                    namespace, body, field_manager=FIELD_MANAGER
+                )
+            except ApiException as exc:
+                raise _publish_error(where, exc) from None
+            return True
+        references = (current.metadata.owner_references if current.metadata else None) or []
+        if not any(r.uid == owner["uid"] for r in references):
+            raise PublishError(
+                "ConfigMapConflict",
+                f"{where} exists and is not owned by this allocation, so it was left as it is; "
+                "delete or rename it",
+            )
+        if (current.data or {}).get(key) == text:
+            return False
+        current.data = {**(current.data or {}), key: text}
+        self._guard()
+        try:  # carries the resourceVersion read: a concurrent change fails instead of being lost
+            self._core.replace_namespaced_config_map(
+                name, namespace, current, field_manager=FIELD_MANAGER
+            )
+        except ApiException as exc:
+            raise _publish_error(where, exc) from None
+        return True
+
+    def unpublish_routing(self, namespace: str, name: str, owner_uid: str) -> None:
+        """Delete the ConfigMap `name` if the allocation `owner_uid` owns it (gone is fine)."""
+        where = f"ConfigMap {namespace}/{name}"
+        try:
+            current = self._core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise _publish_error(where, exc) from None
+        references = (current.metadata.owner_references if current.metadata else None) or []
+        if not any(r.uid == owner_uid for r in references):
+            return
+        current_uid = current.metadata.uid if current.metadata else None
+        self._guard()
+        try:
+            self._core.delete_namespaced_config_map(
+                name,
+                namespace,
+                body=k8s.V1DeleteOptions(preconditions=k8s.V1Preconditions(uid=current_uid)),
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise _publish_error(where, exc) from None
 
     # -- credentials the spec names, read fresh (tokens rotate)
 
