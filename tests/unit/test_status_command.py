@@ -50,6 +50,8 @@ FULL: dict[str, Any] = {
         "gpuTypes": 2,
         "savingPerHour": 0.51,
         "singleTypeBaseline": {"name": "L40S", "replicas": 6, "costPerHour": 11.16},
+        "inputRoutingError": 0.0471,
+        "routingConfigMap": "llama-mixed-routing",
         "solvedRate": 30.0,
         "observedRate": 31.25,
         "lastObservationTime": "2026-12-01T08:59:30Z",
@@ -218,6 +220,7 @@ Plan:
   Solved rate:      30 req/s
   Observed rate:    31.25 req/s (30s ago)
   Best single type: L40S x6 at 11.16/h; saving 0.51/h (4.6%)
+  Routing:          by input length 4.7% off the planned loads; table in ConfigMap llama-mixed-routing
   Last solve:       2026-12-01T08:55:00Z (5m ago), took 0.038 s
   Prices:
     GPU   COST/H  SOURCE                                 READ
@@ -319,6 +322,8 @@ def test_every_optional_field_is_in_the_document() -> None:
         "solveSeconds": 0.0381,
         "savingPerHour": 0.51,
         "singleTypeBaseline": {"name": "L40S", "replicas": 6, "costPerHour": 11.16},
+        "inputRoutingError": 0.0471,
+        "routingConfigMap": "llama-mixed-routing",
         "prices": [
             {"name": "L4", "costPerHour": 0.7, "source": "spec", "time": None},
             {

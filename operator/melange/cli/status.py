@@ -141,6 +141,8 @@ def _plan(status: Mapping[str, Any]) -> dict[str, Any]:
         "solveSeconds": _number(status.get("solveSeconds")),
         "savingPerHour": saving,
         "singleTypeBaseline": best,
+        "inputRoutingError": _number(status.get("inputRoutingError")),
+        "routingConfigMap": _str(status.get("routingConfigMap")),
         "prices": [
             {
                 "name": _str(p.get("name")),
@@ -446,6 +448,12 @@ def _plan_lines(plan: Mapping[str, Any], now: datetime, lines: list[str]) -> Non
             if isinstance(base, int | float) and base > 0:
                 text += f" ({saving / base:.1%})"
         field("Best single type", text)
+    error, config_map = plan.get("inputRoutingError"), plan.get("routingConfigMap")
+    if error is not None or config_map:
+        parts = [f"by input length {error:.1%} off the planned loads"] if error is not None else []
+        if config_map:
+            parts.append(f"table in ConfigMap {config_map}")
+        field("Routing", "; ".join(parts))
     if plan.get("lastSolveTime"):
         seconds = plan.get("solveSeconds")
         field(
