@@ -63,6 +63,14 @@ def test_scale_down_goes_ahead_after_the_ready_timeout() -> None:
     )
     assert step.targets == {"A": 0, "B": 3}
     assert step.timed_out
+    condition = decide.transition_condition(
+        step, {"A": 0, "B": 3}, {"A": PoolReading(0, 0), "B": PoolReading(3, 0)}, 600
+    )
+    assert (condition.status, condition.reason) == ("True", "WaitingForReady")
+    assert condition.message.startswith(
+        "waiting for B to be ready; the scale-downs went ahead without them: they were not ready "
+        "within 600 s (transition.readyTimeoutSeconds). "
+    )
 
 
 def test_a_target_without_a_ready_count_counts_as_ready() -> None:

@@ -519,6 +519,11 @@ def transition_condition(
         why.append(f"waiting for {', '.join(step.waiting)} to be ready")
     if step.held:
         why.append(f"scale-down of {', '.join(step.held)} held until then (at most {timeout} s)")
+    if step.timed_out:
+        why.append(
+            f"the scale-downs went ahead without them: they were not ready within {timeout} s "
+            "(transition.readyTimeoutSeconds)"
+        )
     if step.pending:
         why.append(f"no more asked of {', '.join(step.pending)} while its scale-up is in flight")
     if step.limited:
