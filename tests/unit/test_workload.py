@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from melange import api
-from melange.tools import workload
+from melange.tools import profiles, workload
 
 MELANGE = shutil.which("melange", path=str(Path(sys.executable).parent)) or "melange"
 
@@ -118,6 +118,18 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path: Path) -> None:
     assert "warning: 17 of 21 lines are not readable requests and were left out" in result.stderr
     assert "(the first 10 listed)" in result.stderr
     assert fragment(result)["workload"] == {"distribution": [[2, 0], [1, 1]], "totalRate": 2}
+
+
+def test_a_line_too_long_to_be_a_record_is_a_bad_line_read_past(tmp_path: Path) -> None:
+    lines = JSONL.splitlines()
+    huge = "x" * (workload.MAX_LINE_BYTES + 5)  # no newline within the limit
+    path = write(tmp_path, "long.jsonl", "\n".join([lines[0], huge, *lines[1:]]) + "\n")
+    result = run("workload", str(path), *EDGES, "--rate", "2")
+    assert result.returncode == 0, result.stderr
+    assert f"warning: {path}:2: not UTF-8 text, or longer than 16 MiB" in result.stderr
+    assert "warning: 1 of " in result.stderr  # that line alone
+    complete = run("workload", str(write(tmp_path, "ok.jsonl", JSONL)), *EDGES, "--rate", "2")
+    assert fragment(result)["workload"] == fragment(complete)["workload"]
 
 
 def test_csv_malformed_rows(tmp_path: Path) -> None:
@@ -265,5 +277,5 @@ def test_a_million_lines_in_bounded_memory(tmp_path: Path) -> None:
     assert result.stderr.splitlines() == [
         "warning: these quantile edges fit no shipped or imported profile (a profile serves only "
         "the bucket edges it was made for); to solve with one, take its edges with --edges-from "
-        "PROFILE, e.g. --edges-from llama-3.1-8b/a100-80gb/tpot-120ms"
+        f"PROFILE, e.g. --edges-from {profiles.list_profiles()[0].name}"
     ]

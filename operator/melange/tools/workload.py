@@ -50,6 +50,7 @@ MAX_LISTED_BAD_LINES = 10
 JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
 CSV_SUFFIXES = {".csv"}
 RATE_SIGNIFICANT_DIGITS = 6
+MAX_LINE_BYTES = 16 << 20  # a request record longer than this is a bad line, not read whole
 _decode = json.JSONDecoder().decode
 
 
@@ -217,14 +218,35 @@ def detect_format(path: Path | None, first_line: str) -> Format:
 Progress = Callable[[int], None]  # called with the number of bytes just read
 
 
+def _raw_lines(raw: IO[bytes]) -> Iterator[tuple[bytes, int]]:
+    """(line, its size in bytes) per line; a line longer than MAX_LINE_BYTES is read past in
+    pieces and given as b"" with its size, so that no line is held in memory whole."""
+    while True:
+        line = raw.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) <= MAX_LINE_BYTES or line.endswith(b"\n"):
+            yield line, len(line)
+            continue
+        size = len(line)
+        while line and not line.endswith(b"\n"):
+            line = raw.readline(1 << 20)
+            size += len(line)
+        yield b"", size
+
+
 def _decoded(raw: IO[bytes], progress: Progress | None) -> Iterator[tuple[int, str | None]]:
-    """(line number, text) per line; text is None when the bytes are not UTF-8."""
+    """(line number, text) per line; text is None when the bytes are not UTF-8 or the line is
+    longer than MAX_LINE_BYTES."""
     pending = 0
-    for number, chunk in enumerate(raw, start=1):
-        pending += len(chunk)
+    for number, (chunk, size) in enumerate(_raw_lines(raw), start=1):
+        pending += size
         if progress is not None and pending >= 1 << 20:
             progress(pending)
             pending = 0
+        if not chunk:
+            yield number, None
+            continue
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError:
@@ -241,7 +263,7 @@ def _jsonl_requests(
     for number, text in lines:
         if text is None:
             scan.lines += 1
-            scan.add_bad(number, "not UTF-8 text")
+            scan.add_bad(number, f"not UTF-8 text, or longer than {MAX_LINE_BYTES >> 20} MiB")
             continue
         if not text.strip():
             continue
@@ -265,7 +287,7 @@ def _csv_requests(
         for number, text in lines:
             if text is None:
                 scan.lines += 1
-                scan.add_bad(number, "not UTF-8 text")
+                scan.add_bad(number, f"not UTF-8 text, or longer than {MAX_LINE_BYTES >> 20} MiB")
                 yield "\n"
             else:
                 yield text
@@ -368,7 +390,7 @@ def _pass(
 
 def _first_text(raw: IO[bytes]) -> str:
     raw.seek(0)
-    for chunk in raw:
+    for chunk, _ in _raw_lines(raw):
         text = chunk.decode("utf-8", errors="replace").removeprefix("\ufeff")
         if text.strip():
             return text
