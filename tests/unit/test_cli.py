@@ -183,7 +183,7 @@ def test_profiles_list_show_estimate() -> None:
 def test_profiles_errors() -> None:
     unknown = run("profiles", "show", "nope")
     assert unknown.returncode == 2
-    assert "unknown profile 'nope'; available: llama-3.1-8b/" in unknown.stderr
+    assert "unknown profile 'nope'; available: llama-3.1-" in unknown.stderr
     bad_edges = run(
         "profiles", "estimate", "--gpu", "L4", "--tpot-ms", "50", "--input-edges", "5,3"
     )

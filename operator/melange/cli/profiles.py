@@ -1,9 +1,12 @@
-"""`melange profiles`: list, show, estimate, import and compare GPU throughput profiles."""
+"""`melange profiles`: list, show, estimate, import, compare GPU throughput profiles, and say
+which type the performance model finds cheapest per bucket."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
+from typing import cast
 
 import click
 import yaml
@@ -129,7 +132,9 @@ def profiles_show(
 
 
 @profiles_group.command("estimate")
-@click.option("--gpu", type=click.Choice(sorted(perfmodel.GPUS)), required=True, help="GPU type.")
+@click.option(
+    "--gpu", type=click.Choice(sorted(perfmodel.DATASHEETS)), required=True, help="GPU type."
+)
 @click.option(
     "--model",
     type=click.Choice(sorted(perfmodel.MODELS)),
@@ -154,7 +159,15 @@ def profiles_show(
     f"[default: {','.join(map(str, perfmodel.DEFAULT_OUTPUT_EDGES))}].",
 )
 @click.option(
-    "--cost-per-hour", type=click.FloatRange(min=0, min_open=True), help="Override the price."
+    "--gpus",
+    type=click.IntRange(min=1, max=64),
+    help="GPUs per instance (tensor parallelism) [default: the shipped instance of the model, "
+    "e.g. 2 for llama-3.1-70b on H100; else 1].",
+)
+@click.option(
+    "--cost-per-hour",
+    type=click.FloatRange(min=0, min_open=True),
+    help="Override the price of the instance.",
 )
 @OUTPUT_FORMAT
 def profiles_estimate(
@@ -163,25 +176,32 @@ def profiles_estimate(
     tpot_ms: float,
     input_edges: str | None,
     output_edges: str | None,
+    gpus: int | None,
     cost_per_hour: float | None,
     output: str,
 ) -> None:
-    """Estimate a profile with the first-order performance model (melange.tools.perfmodel).
+    """Estimate a profile with the calibrated performance model (melange.tools.perfmodel).
 
     Prefill is bound by the GPU's FLOP/s, decode by its memory bandwidth, and the batch by the
     memory left for the KV cache after the weights and by the SLO; each bucket is represented by the
-    geometric midpoint of its edges. The output records every input, labelled as an estimate.
+    geometric midpoint of its edges. The efficiencies and overheads are fitted to published
+    measurements (`python -m melange.tools.profiles.calibrate`). The output records every input,
+    labelled as an estimate.
     """
     require_finite({"--tpot-ms": tpot_ms, "--cost-per-hour": cost_per_hour})
-    spec = perfmodel.GPUS[gpu]
+    if gpus is None:
+        gpus = perfmodel.SHIPPED_INSTANCES.get(model, {}).get(gpu, 1)
+    spec = perfmodel.gpu_instance(perfmodel.DATASHEETS[gpu], gpus)
     if cost_per_hour is not None:
         spec = dataclasses.replace(spec, cost_per_hour=cost_per_hour)
-    profile = perfmodel.build_profile(
-        spec,
-        perfmodel.MODELS[model],
-        tpot_ms / 1000,
-        optional_edges(input_edges),
-        optional_edges(output_edges),
+    profile = profile_build.with_calibration(
+        perfmodel.build_profile(
+            spec,
+            perfmodel.MODELS[model],
+            tpot_ms / 1000,
+            optional_edges(input_edges),
+            optional_edges(output_edges),
+        )
     )
     click.echo(
         profile_build.render_profile(profile) if output == "yaml" else dump(profile, output),
@@ -254,3 +274,104 @@ def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None)
     click.echo("")
     for name, gpu in zip(documents, gpus, strict=True):
         click.echo(f"{gpu}: {name} ({documents[name]['source']})")
+
+
+@profiles_group.command("cheapest")
+@click.option(
+    "--model",
+    type=click.Choice(sorted(perfmodel.MODELS)),
+    default=perfmodel.SHIPPED_MODEL,
+    show_default=True,
+    help="Model architecture.",
+)
+@click.option(
+    "--tpot-ms",
+    type=click.FloatRange(min=0, min_open=True, max=10000),
+    required=True,
+    help="SLO on the time per output token, in milliseconds.",
+)
+@click.option(
+    "--gpu",
+    "gpu_types",
+    multiple=True,
+    type=click.Choice(sorted(perfmodel.DATASHEETS)),
+    help="A GPU type to compare (repeat) [default: every shipped type].",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["current", "early-vllm"]),
+    default="current",
+    show_default=True,
+    help="Engine overheads: today's engines', or the 2023-24 vLLM's (the Mélange paper's).",
+)
+@click.option(
+    "--input-edges",
+    help="Input-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_INPUT_EDGES))}].",
+)
+@click.option(
+    "--output-edges",
+    help="Output-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_OUTPUT_EDGES))}].",
+)
+@click.option(
+    "--size-point",
+    type=click.Choice(["geometric", "arithmetic", "upper"]),
+    default="geometric",
+    show_default=True,
+    help="The request size that stands for a bucket: its geometric or arithmetic midpoint, or "
+    "its upper edge (with edges 1,25,100,... the sizes 25, 100, ... themselves).",
+)
+@_TABLE_FORMAT
+def profiles_cheapest(
+    model: str,
+    tpot_ms: float,
+    gpu_types: tuple[str, ...],
+    engine: str,
+    input_edges: str | None,
+    output_edges: str | None,
+    size_point: str,
+    output: str,
+) -> None:
+    """Which GPU type the performance model finds cheapest per bucket, at a TPOT SLO.
+
+    Cost per request is the instance's price / its estimated throughput in the bucket (each type
+    on the instance size shipped for the model, e.g. 2x H100 for llama-3.1-70b). Rows are input
+    buckets, columns output buckets; '-': no type serves the bucket within the SLO. The grid
+    compares buckets one by one: the cheapest mix for a whole workload is what `melange solve`
+    finds. `-o json` adds every type's cost per million requests.
+    """
+    require_finite({"--tpot-ms": tpot_ms})
+    era: perfmodel.EngineEra = "early-vllm" if engine == "early-vllm" else "current"
+    try:
+        grid = profiles.cheapest_grid(
+            model,
+            tpot_ms / 1000,
+            gpus=list(gpu_types) or None,
+            input_edges=optional_edges(input_edges),
+            output_edges=optional_edges(output_edges),
+            era=era,
+            representative=cast(perfmodel.RepresentativeRule, size_point),
+        )
+    except profiles.ProfileError as exc:
+        fail(exc.errors, EXIT_INVALID)
+    if output != "table":
+        click.echo(dump(grid, output), nl=False)
+        return
+    ins, outs = grid["buckets"]["inputTokens"], grid["buckets"]["outputTokens"]
+    header = ["INPUT \\ OUTPUT", *(f"{a}-{b}" for a, b in itertools.pairwise(outs))]
+    rows = [
+        [f"{a}-{b}", *("-" if w is None else w for w in row)]
+        for (a, b), row in zip(itertools.pairwise(ins), grid["cheapest"], strict=True)
+    ]
+    for line in report.format_table(header, rows):
+        click.echo(line)
+    winners = [w for row in grid["cheapest"] for w in row]
+    counts = {t["name"]: winners.count(t["name"]) for t in grid["types"]}
+    click.echo("")
+    click.echo(
+        f"{model} at a {tpot_ms:g} ms TPOT SLO ({engine} engine), cheapest in "
+        + ", ".join(f"{n}: {c}" for n, c in counts.items())
+        + f" of {len(winners)} buckets; "
+        + ", ".join(f"{t['name']} ${t['costPerHour']:.2f}/h" for t in grid["types"])
+    )

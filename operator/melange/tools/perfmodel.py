@@ -3,9 +3,12 @@
 Mélange needs, for every GPU type, the request rate one instance sustains for each request-size
 bucket within the TPOT SLO. Measuring that takes a GPU and an afternoon per type; on day one users
 have neither, so this module derives a profile from datasheet numbers with a roofline model of a
-continuous-batching engine (vLLM-like, chunked prefill). It is an *estimate* (treat it as +-50%):
-every profile built from it is labelled `source: estimate` and carries `describe_inputs(...)` so
-it can be told apart from, and replaced by, a measured one.
+continuous-batching engine (vLLM-like, chunked prefill), whose free parameters (the fraction of
+peak bandwidth and FLOP/s an engine reaches, its host overheads, the cost of tensor parallelism)
+are fitted to published measurements: `melange.tools.profiles.calibrate` fits them to the data
+points of `melange/tools/profiles/calibration.yaml` (each with its source) and `CALIBRATION` holds
+the result. It is still an *estimate*: every profile built from it is labelled `source: estimate`
+and carries `describe_inputs(...)` so it can be told apart from, and replaced by, a measured one.
 
 The model, per bucket (all quantities are averages over a steady state):
 
@@ -33,19 +36,17 @@ The model, per bucket (all quantities are averages over a steady state):
   count against TTFT, not TPOT).
 
 Why cheap GPUs win the smallest requests and 80 GB HBM GPUs the longest (the Mélange paper's
-observation), with these numbers: tiny requests are compute- and host-bound, not bandwidth-bound.
-The engine's batch cap and its host overheads (per step, per sequence, per request) are the same on
-every GPU, so a faster card spends a growing share of each step on work its FLOP/s do not speed up,
-and cost per request drifts towards following the hourly price: the L4 is cheapest on the
-[1, 25) x [1, 25) bucket at 120 ms. Without the host terms this would be a pure roofline, which
-ranks GPUs by FLOP/s per dollar on small requests and makes the L40S (whose datasheet FLOP/s per
-dollar beats the L4's) tie or win there; vLLM's own profiling (most of a Llama-3-8B step on H100 was
-CPU work before v0.6) says the host terms are real. Long requests are KV-cache bound: a 24 GB card
-holds only a few 6k-token contexts next to 16 GB of Llama-3.1-8B weights and every step re-reads
-them, so capacity and bandwidth per dollar decide and the A100-80GB wins (the H100 is faster but
-costs twice as much and holds the same number of requests). At 40 ms the L4 serves nothing: just
-streaming the weights takes ~71 ms per step. In between, at these prices, the L40S is often the
-cheapest, which the Mélange paper (no L40S) could not show.
+observation): tiny requests are compute- and host-bound, not bandwidth-bound. The engine's batch
+cap and its host overheads (per step, per sequence, per request) are the same on every GPU, so a
+faster card spends a growing share of each step on work its FLOP/s do not speed up, and cost per
+request drifts towards following the hourly price. Long requests are KV-cache bound: a 24 GB card
+holds only a few long contexts next to 16 GB of Llama-3.1-8B weights and every step re-reads them,
+so capacity and bandwidth per dollar decide and the A100-80GB wins (the H100 is faster but costs
+twice as much). The paper measured no L40S; with its datasheet, the fitted efficiencies of the
+other GDDR cards and its price, the model finds it the cheapest type for most mid-sized buckets
+(48 GB holds many more sequences than a 24 GB card, at less than an A100's price) -- a prediction
+no published L40S measurement in calibration.yaml checks yet. `melange profiles cheapest` prints
+the cheapest type per bucket.
 """
 
 from __future__ import annotations
@@ -64,22 +65,24 @@ ESTIMATE_SCHEMA_VERSION = 1
 
 @dataclass(frozen=True)
 class GpuSpec:
-    """A GPU type: datasheet peaks, an hourly price, and the fraction of each peak an engine gets.
+    """An instance of one GPU type: datasheet peaks, an hourly price, and the fraction of each peak
+    an engine gets (fitted to published measurements, `melange.tools.profiles.calibrate`).
 
-    `compute_efficiency` is the achieved fraction of dense BF16 FLOP/s (model FLOPs utilisation,
-    ~0.5-0.6 for prefill-sized GEMMs in vLLM/TensorRT-LLM); `bandwidth_efficiency` the achieved
-    fraction of memory bandwidth in decode (~0.7-0.8: weight streaming reaches ~85-90% of peak in
-    microbenchmarks, attention over a paged KV cache less). Memory is the datasheet capacity read as
+    `compute_efficiency` is the achieved fraction of dense BF16 FLOP/s; `bandwidth_efficiency` the
+    achieved fraction of memory bandwidth in decode. Memory is the datasheet capacity read as
     10^9 bytes, slightly below the GiB the card really has; the engine's reserve is applied on top.
+    An instance of `gpus` > 1 GPUs serves one model replica with tensor parallelism: its price,
+    FLOP/s, bandwidth and memory are the sums over its GPUs (`gpu_instance`).
     """
 
     name: str
-    cost_per_hour: float  # USD, on-demand, one GPU
+    cost_per_hour: float  # USD, on-demand, the whole instance
     bf16_flops: float  # dense (no sparsity) BF16 tensor-core FLOP/s
     memory_bandwidth: float  # bytes/s
     memory_bytes: float
     compute_efficiency: float = 0.55
     bandwidth_efficiency: float = 0.75
+    gpus: int = 1  # GPUs per instance (the tensor-parallel degree)
 
     @property
     def effective_flops(self) -> float:
@@ -90,30 +93,135 @@ class GpuSpec:
         return self.memory_bandwidth * self.bandwidth_efficiency
 
 
+MemoryKind = Literal["gddr", "hbm"]
+
+
+@dataclass(frozen=True)
+class Datasheet:
+    """One GPU as its vendor and its cloud list it; `memory` says which fitted bandwidth
+    efficiency applies (GDDR6 cards and HBM cards reach different fractions of their peak)."""
+
+    name: str
+    cost_per_hour: float  # USD, on-demand, one GPU (source and date in calibration.yaml)
+    bf16_flops: float
+    memory_bandwidth: float
+    memory_bytes: float
+    memory: MemoryKind
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The performance model's free parameters, fitted to published measurements by
+    `melange.tools.profiles.calibrate` (the data points and their sources are in
+    `melange/tools/profiles/calibration.yaml`; `CALIBRATION` holds the fitted values)."""
+
+    gddr_bandwidth_efficiency: float
+    hbm_bandwidth_efficiency: float
+    compute_efficiency: float
+    # NVIDIA publishes no A10G datasheet: its tensor FLOP/s (70 TFLOPS is the figure commonly
+    # quoted, the A10's datasheet says 125) are uncertain, so its efficiency is fitted on its own.
+    a10g_compute_efficiency: float
+    # The L4 is held to 72 W: under sustained tensor load it runs below the clocks its datasheet
+    # FLOP/s assume, so its efficiency is fitted on its own too (to the paper's L4 points).
+    l4_compute_efficiency: float
+    # The H100's FLOP/s lead over the A100 is what the Mélange paper's H100 vs A100 figure tests
+    # (prefill-heavy requests); its efficiency is fitted on its own to those points.
+    h100_compute_efficiency: float
+    step_overhead_seconds: float
+    per_sequence_overhead_seconds: float
+    per_request_overhead_seconds: float
+    tensor_parallel_step_seconds: float  # added to each step of an instance of more than one GPU
+    # The same host overheads for the vLLM of 2023-24 (v0.2-0.3, the Mélange paper's engine):
+    # before CUDA graphs by default and the multi-step and asynchronous scheduling of later
+    # versions, host work per step and per sequence was several times larger. The paper's own
+    # measurements are fitted with these; the shipped profiles use the current ones above.
+    early_step_overhead_seconds: float
+    early_per_sequence_overhead_seconds: float
+    early_per_request_overhead_seconds: float
+
+
 # Datasheet figures: dense BF16 tensor FLOP/s, half the "with sparsity" number NVIDIA headlines.
-# Prices are typical on-demand USD/h for one GPU; real prices vary by cloud, region and date, so
-# override `cost_per_hour` (dataclasses.replace) with your own before trusting a cost comparison.
-GPUS: dict[str, GpuSpec] = {
-    gpu.name: gpu
-    for gpu in (
+# Prices are on-demand USD/h for one GPU (calibration.yaml says where each was listed and when);
+# real prices vary by cloud, region and date, so override `cost_per_hour` before trusting a cost
+# comparison.
+DATASHEETS: dict[str, Datasheet] = {
+    sheet.name: sheet
+    for sheet in (
         # NVIDIA L4 datasheet: BF16 tensor 242 TFLOPS with sparsity -> 121 dense; 24 GB GDDR6,
         # 300 GB/s. Price: GCP g2-standard-4 (1x L4), about $0.70/h.
-        GpuSpec("L4", 0.70, 121e12, 300e9, 24e9),
+        Datasheet("L4", 0.70, 121e12, 300e9, 24e9, "gddr"),
         # AWS A10G: NVIDIA publishes no datasheet; 70 TFLOPS dense FP16/BF16 tensor is the commonly
         # quoted figure (the A10 datasheet says 125 dense / 250 sparse); 24 GB GDDR6, 600 GB/s.
-        # Price: AWS g5.xlarge, $1.006/h.
-        GpuSpec("A10G", 1.01, 70e12, 600e9, 24e9),
+        # Price: AWS g5.xlarge, $1.006/h (the Mélange paper's $1.01).
+        Datasheet("A10G", 1.01, 70e12, 600e9, 24e9, "gddr"),
         # NVIDIA L40S datasheet: BF16 tensor 733 TFLOPS with sparsity -> 362.05 dense; 48 GB GDDR6,
         # 864 GB/s. Price: AWS g6e.xlarge, $1.861/h.
-        GpuSpec("L40S", 1.86, 362.05e12, 864e9, 48e9),
+        Datasheet("L40S", 1.86, 362.05e12, 864e9, 48e9, "gddr"),
         # NVIDIA A100 datasheet (80GB SXM): BF16 tensor 312 TFLOPS dense (624 sparse); 80 GB HBM2e,
         # 2,039 GB/s. Price: $3.67/h, the figure the Mélange reference implementation uses.
-        GpuSpec("A100-80GB", 3.67, 312e12, 2039e9, 80e9, bandwidth_efficiency=0.8),
+        Datasheet("A100-80GB", 3.67, 312e12, 2039e9, 80e9, "hbm"),
         # NVIDIA H100 SXM5 datasheet: BF16 tensor 1,979 TFLOPS with sparsity -> 989 dense; 80 GB
         # HBM3, 3.35 TB/s. Price: ~$7.5/h per GPU on the large clouds' 8-GPU on-demand instances.
-        GpuSpec("H100", 7.52, 989e12, 3350e9, 80e9, bandwidth_efficiency=0.8),
+        Datasheet("H100", 7.52, 989e12, 3350e9, 80e9, "hbm"),
     )
 }
+
+# Fitted by `python -m melange.tools.profiles.calibrate` (which prints every point's residual);
+# tests/unit/test_calibration.py checks these equal a fresh fit, so they cannot drift from the data.
+CALIBRATION = Calibration(
+    gddr_bandwidth_efficiency=0.765,
+    hbm_bandwidth_efficiency=0.766,
+    compute_efficiency=0.586,
+    a10g_compute_efficiency=0.705,
+    l4_compute_efficiency=0.353,
+    h100_compute_efficiency=0.416,
+    step_overhead_seconds=0.00174,
+    per_sequence_overhead_seconds=1.98e-05,
+    per_request_overhead_seconds=0.000499,
+    tensor_parallel_step_seconds=0.00194,
+    early_step_overhead_seconds=0.00519,
+    early_per_sequence_overhead_seconds=0.000147,
+    early_per_request_overhead_seconds=0.000519,
+)
+
+EngineEra = Literal["current", "early-vllm"]
+"""Which fitted host overheads an engine has: today's engines', or the 2023-24 vLLM's."""
+
+
+def gpu_instance(
+    sheet: Datasheet, gpus: int = 1, calibration: Calibration = CALIBRATION
+) -> GpuSpec:
+    """An instance of `gpus` GPUs of one datasheet, with the calibrated efficiencies.
+
+    One GPU keeps the datasheet's name (`H100`); more are named `H100x2` and cost `gpus` times
+    the GPU's price, with `gpus` times its FLOP/s, bandwidth and memory (tensor parallelism shares
+    the weights and the KV cache among them).
+    """
+    if gpus < 1:
+        raise ValueError(f"an instance has at least one GPU, got {gpus}")
+    bandwidth = (
+        calibration.gddr_bandwidth_efficiency
+        if sheet.memory == "gddr"
+        else calibration.hbm_bandwidth_efficiency
+    )
+    return GpuSpec(
+        sheet.name if gpus == 1 else f"{sheet.name}x{gpus}",
+        round(sheet.cost_per_hour * gpus, 6),
+        sheet.bf16_flops * gpus,
+        sheet.memory_bandwidth * gpus,
+        sheet.memory_bytes * gpus,
+        compute_efficiency={
+            "A10G": calibration.a10g_compute_efficiency,
+            "L4": calibration.l4_compute_efficiency,
+            "H100": calibration.h100_compute_efficiency,
+        }.get(sheet.name, calibration.compute_efficiency),
+        bandwidth_efficiency=bandwidth,
+        gpus=gpus,
+    )
+
+
+GPUS: dict[str, GpuSpec] = {name: gpu_instance(sheet) for name, sheet in DATASHEETS.items()}
+"""One-GPU instances of every datasheet type, calibrated."""
 
 
 @dataclass(frozen=True)
@@ -146,22 +254,25 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("llama-3.1-8b", 8.03e9, 32, 4096, 8, 128),
         # Llama-2-7B: multi-head attention, 32 KV heads -> 512 KiB per token (4x Llama-3.1-8B).
         ModelSpec("llama-2-7b", 6.74e9, 32, 4096, 32, 128),
+        # Llama-3.1-70B: 80 layers, 8 KV heads -> 320 KiB per token; 141 GB of BF16 weights, so
+        # it needs an instance of several GPUs (SHIPPED_INSTANCES).
+        ModelSpec("llama-3.1-70b", 70.55e9, 80, 8192, 8, 128),
     )
 }
 
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """The serving engine's limits and overheads, the same on every GPU (vLLM defaults by default).
+    """The serving engine's limits and overheads (vLLM defaults, overheads fitted).
 
     `max_batch_size` is vLLM's default `max_num_seqs`; `memory_reserve_fraction` its default
     `gpu_memory_utilization=0.9` (the rest holds activations, CUDA graphs and fragmentation).
-    The overheads are host-side work that is not GPU time: per step (scheduling, input preparation,
-    launching the step), per running sequence per step (sampling bookkeeping, detokenising, stop
-    checks, streaming) and per request (HTTP, tokenising, admission and teardown; 0.5 ms is the
-    order at which one Python API server saturates, 1-2k requests/s). vLLM's profiling of Llama-3-8B
-    on one H100 found such CPU work took most of each ~5 ms GPU step before v0.6; newer engines
-    overlap part of it, so these defaults are deliberately on the conservative side.
+    The overheads are time a step spends on work that the GPU's FLOP/s and bandwidth do not
+    explain: per step (scheduling, input preparation, kernel launches and, on an instance of
+    several GPUs, the tensor-parallel all-reduces), per running sequence per step (sampling
+    bookkeeping, detokenising, stop checks, streaming) and per request (HTTP, tokenising,
+    admission and teardown). Their values are fitted (`CALIBRATION`); `engine_for` gives an
+    instance its engine.
     """
 
     max_batch_size: int = 256
@@ -171,13 +282,52 @@ class EngineSpec:
     memory_reserve_fraction: float = 0.10
 
 
-DEFAULT_ENGINE = EngineSpec()
+def engine_for(
+    gpu: GpuSpec, calibration: Calibration = CALIBRATION, era: EngineEra = "current"
+) -> EngineSpec:
+    """The calibrated engine on `gpu`: the fitted overheads of `era`, plus the tensor-parallel
+    step cost on an instance of more than one GPU."""
+    tensor_parallel = calibration.tensor_parallel_step_seconds if gpu.gpus > 1 else 0.0
+    c = calibration
+    if era == "current":
+        step, per_sequence, per_request = (
+            c.step_overhead_seconds,
+            c.per_sequence_overhead_seconds,
+            c.per_request_overhead_seconds,
+        )
+    elif era == "early-vllm":
+        step, per_sequence, per_request = (
+            c.early_step_overhead_seconds,
+            c.early_per_sequence_overhead_seconds,
+            c.early_per_request_overhead_seconds,
+        )
+    else:
+        raise ValueError(f"unknown engine era {era!r}; use one of {get_args(EngineEra)}")
+    return EngineSpec(
+        step_overhead_seconds=round(step + tensor_parallel, 9),
+        per_sequence_overhead_seconds=per_sequence,
+        per_request_overhead_seconds=per_request,
+    )
+
+
+DEFAULT_ENGINE = engine_for(GPUS["A100-80GB"])
+"""The calibrated engine of a one-GPU instance."""
 DEFAULT_INPUT_EDGES: tuple[int, ...] = (1, 25, 100, 250, 500, 1000, 2000, 4000, 8000)
 DEFAULT_OUTPUT_EDGES: tuple[int, ...] = (1, 25, 100, 250, 500, 1000, 2000)
 DEFAULT_SIGNIFICANT_DIGITS = 4
 SHIPPED_MODEL = "llama-3.1-8b"
 SHIPPED_GPUS: tuple[str, ...] = ("L4", "A10G", "L40S", "A100-80GB", "H100")
 SHIPPED_TPOT_SECONDS: tuple[float, ...] = (0.040, 0.120)
+SHIPPED_INSTANCES: dict[str, dict[str, int]] = {
+    # one GPU of each type holds Llama-3.1-8B (16 GB of weights)
+    "llama-3.1-8b": dict.fromkeys(SHIPPED_GPUS, 1),
+    # Llama-3.1-70B's 141 GB of BF16 weights: the fewest GPUs of each type that hold them with
+    # room for a KV cache, as the clouds sell them (AWS g6.48xlarge 8x L4, g5.48xlarge 8x A10G,
+    # g6e.12xlarge 4x L40S; 2x A100-80GB and 2x H100, the pairs the Mélange paper used for
+    # Llama2-70B). Two A100s leave only ~3 GB for the KV cache: long requests barely fit.
+    "llama-3.1-70b": {"L4": 8, "A10G": 8, "L40S": 4, "A100-80GB": 2, "H100": 2},
+}
+"""Per shipped model, the GPU types it is shipped for and how many GPUs an instance has."""
 
 
 def representative_size(low: float, high: float, rule: RepresentativeRule = "geometric") -> float:
@@ -216,7 +366,7 @@ def request_throughput(
     output_tokens: float,
     tpot_slo_seconds: float,
     *,
-    engine: EngineSpec = DEFAULT_ENGINE,
+    engine: EngineSpec | None = None,
 ) -> float:
     """Max requests/s ONE `gpu` sustains serving only requests of this size within the TPOT SLO.
 
@@ -228,6 +378,7 @@ def request_throughput(
             "need input_tokens >= 0, output_tokens >= 1 and tpot_slo_seconds > 0, got "
             f"{input_tokens}, {output_tokens}, {tpot_slo_seconds}"
         )
+    engine = engine_for(gpu) if engine is None else engine
     kv_per_token = model.kv_bytes_per_token
     kv_budget = gpu.memory_bytes * (1 - engine.memory_reserve_fraction) - model.weight_bytes
     if kv_budget <= 0 or (input_tokens + output_tokens) * kv_per_token > kv_budget:
@@ -267,6 +418,52 @@ def request_throughput(
     return batch / (output_tokens * step)
 
 
+def step_seconds(
+    gpu: GpuSpec,
+    model: ModelSpec,
+    input_tokens: float,
+    output_tokens: float,
+    batch: float,
+    *,
+    engine: EngineSpec | None = None,
+) -> float:
+    """One engine step with `batch` requests of this size running (the time per output token at
+    that occupancy): the model's `t(B)`, with each request's prefill and host work spread over
+    its output steps. `batch = 1` with `output_tokens` large is a request decoding alone."""
+    engine = engine_for(gpu) if engine is None else engine
+    context = input_tokens + output_tokens / 2
+    kv = context * model.kv_bytes_per_token
+    attention = 2 * model.layers * model.hidden_size
+    decode_flops = 2 * model.params + 2 * attention * context
+    prefill_flops = 2 * model.params * input_tokens + attention * input_tokens**2
+    per_seq = (
+        engine.per_sequence_overhead_seconds + engine.per_request_overhead_seconds / output_tokens
+    )
+    memory = (model.weight_bytes + batch * kv) / gpu.effective_bandwidth
+    compute = batch * (decode_flops + prefill_flops / output_tokens) / gpu.effective_flops
+    return engine.step_overhead_seconds + batch * per_seq + max(memory, compute)
+
+
+def single_stream_tpot(
+    gpu: GpuSpec,
+    model: ModelSpec,
+    input_tokens: float,
+    output_tokens: float,
+    *,
+    engine: EngineSpec | None = None,
+) -> float:
+    """The time per output token of one request decoding alone (the model's batch-of-one step,
+    whose prefill and admission precede its first token)."""
+    engine = engine_for(gpu) if engine is None else engine
+    context = input_tokens + output_tokens / 2
+    attention = 2 * model.layers * model.hidden_size
+    memory = (model.weight_bytes + context * model.kv_bytes_per_token) / gpu.effective_bandwidth
+    compute = (2 * model.params + 2 * attention * context) / gpu.effective_flops
+    return (
+        engine.step_overhead_seconds + engine.per_sequence_overhead_seconds + max(memory, compute)
+    )
+
+
 def _check_edges(edges: list[int], what: str) -> None:
     if len(edges) < 2 or any(e < 1 for e in edges) or any(b <= a for a, b in pairwise(edges)):
         raise ValueError(f"{what} must be >= 2 strictly increasing integers >= 1, got {edges}")
@@ -279,7 +476,7 @@ def estimate_throughput(
     output_edges: list[int],
     tpot_slo_seconds: float,
     *,
-    engine: EngineSpec = DEFAULT_ENGINE,
+    engine: EngineSpec | None = None,
     representative: RepresentativeRule = "geometric",
     significant_digits: int = DEFAULT_SIGNIFICANT_DIGITS,
 ) -> list[list[float]]:
@@ -290,6 +487,7 @@ def estimate_throughput(
     """
     _check_edges(list(input_edges), "input_edges")
     _check_edges(list(output_edges), "output_edges")
+    engine = engine_for(gpu) if engine is None else engine
     inputs = [representative_size(a, b, representative) for a, b in pairwise(input_edges)]
     outputs = [representative_size(a, b, representative) for a, b in pairwise(output_edges)]
     return [
@@ -320,7 +518,7 @@ def describe_inputs(
     output_edges: list[int],
     tpot_slo_seconds: float,
     *,
-    engine: EngineSpec = DEFAULT_ENGINE,
+    engine: EngineSpec | None = None,
     representative: RepresentativeRule = "geometric",
     significant_digits: int = DEFAULT_SIGNIFICANT_DIGITS,
 ) -> dict[str, Any]:
@@ -328,6 +526,7 @@ def describe_inputs(
 
     Same arguments as `estimate_throughput`; re-running it with these values reproduces the matrix.
     """
+    engine = engine_for(gpu) if engine is None else engine
     return {
         "method": "melange.tools.perfmodel roofline estimate (continuous batching, chunked prefill)",
         "schemaVersion": ESTIMATE_SCHEMA_VERSION,
@@ -364,13 +563,14 @@ def build_profile(
     input_edges: list[int] | None = None,
     output_edges: list[int] | None = None,
     *,
-    engine: EngineSpec = DEFAULT_ENGINE,
+    engine: EngineSpec | None = None,
     representative: RepresentativeRule = "geometric",
     significant_digits: int = DEFAULT_SIGNIFICANT_DIGITS,
 ) -> dict[str, Any]:
     """A profile: a `spec.gpus[]` entry (`name`, `costPerHour`, `throughput`) plus its metadata."""
     ins = list(DEFAULT_INPUT_EDGES if input_edges is None else input_edges)
     outs = list(DEFAULT_OUTPUT_EDGES if output_edges is None else output_edges)
+    engine = engine_for(gpu) if engine is None else engine
     options: dict[str, Any] = {
         "engine": engine,
         "representative": representative,
@@ -390,11 +590,12 @@ def build_profile(
 
 
 def generate_shipped_profiles() -> dict[str, dict[str, Any]]:
-    """The profile library shipped in `melange/profiles/data`, by profile name (deterministic)."""
-    model = MODELS[SHIPPED_MODEL]
+    """The profile library shipped in `melange/profiles/data`, by profile name (deterministic):
+    every model of `SHIPPED_INSTANCES` on its instance of each GPU type, at each shipped SLO."""
     profiles = [
-        build_profile(GPUS[gpu], model, tpot)
-        for gpu in SHIPPED_GPUS
+        build_profile(gpu_instance(DATASHEETS[gpu], gpus), MODELS[model], tpot)
+        for model, instances in SHIPPED_INSTANCES.items()
+        for gpu, gpus in instances.items()
         for tpot in SHIPPED_TPOT_SECONDS
     ]
     return {p["profile"]: p for p in profiles}

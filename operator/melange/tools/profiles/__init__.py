@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from melange import api
+from melange.tools import perfmodel
 
 GPU_ENTRY_KEYS = ("name", "costPerHour", "throughput")
 USER_DIR_ENV = "MELANGE_PROFILES_DIR"
@@ -395,6 +396,77 @@ def compare_profiles(documents: Mapping[str, Mapping[str, Any]]) -> dict[str, An
         ],
         "buckets": {"inputTokens": ins, "outputTokens": outs},
         "rows": rows,
+    }
+
+
+def cheapest_grid(
+    model: str,
+    tpot_seconds: float,
+    *,
+    gpus: list[str] | None = None,
+    input_edges: list[int] | None = None,
+    output_edges: list[int] | None = None,
+    era: perfmodel.EngineEra = "current",
+    representative: perfmodel.RepresentativeRule = "geometric",
+) -> dict[str, Any]:
+    """Which GPU type the performance model says serves each bucket cheapest, for `model` at a
+    TPOT SLO: cost per request = an instance's price / its throughput in the bucket.
+
+    The types are `gpus` (datasheet names; default: every shipped type), each on the instance
+    size `perfmodel.SHIPPED_INSTANCES` gives it for `model` (one GPU for a model not shipped);
+    `era` picks the engine overheads (`early-vllm`: the Mélange paper's vLLM), `representative`
+    the request size that stands for a bucket (`upper`: its upper edge). The result holds
+    the grid of winners (rows: input buckets, columns: output buckets; None: no type serves the
+    bucket) and every type's cost per million requests, computed as `compare_profiles` does.
+    """
+    names = list(perfmodel.SHIPPED_GPUS if gpus is None else gpus)
+    unknown = [n for n in names if n not in perfmodel.DATASHEETS]
+    if unknown or model not in perfmodel.MODELS or not names:
+        raise ProfileError(
+            [
+                f"unknown GPU type {n!r}; use one of {', '.join(perfmodel.DATASHEETS)}"
+                for n in unknown
+            ]
+            + ([f"unknown model {model!r}"] if model not in perfmodel.MODELS else [])
+            + ([] if names else ["no GPU type to compare"])
+        )
+    sizes = perfmodel.SHIPPED_INSTANCES.get(model, {})
+    documents = {}
+    for name in names:
+        gpu = perfmodel.gpu_instance(perfmodel.DATASHEETS[name], sizes.get(name, 1))
+        profile = perfmodel.build_profile(
+            gpu,
+            perfmodel.MODELS[model],
+            tpot_seconds,
+            input_edges,
+            output_edges,
+            engine=perfmodel.engine_for(gpu, era=era),
+            representative=representative,
+        )
+        documents[gpu.name] = profile
+    table = compare_profiles(documents)
+    ins, outs = table["buckets"]["inputTokens"], table["buckets"]["outputTokens"]
+    columns = len(outs) - 1
+    winners = [row["winner"] for row in table["rows"]]
+    costs = {
+        name: [
+            [row["costPerMillion"][name] for row in table["rows"][r * columns : (r + 1) * columns]]
+            for r in range(len(ins) - 1)
+        ]
+        for name in documents
+    }
+    return {
+        "model": model,
+        "tpotSeconds": tpot_seconds,
+        "engine": era,
+        "sizePoint": representative,
+        "types": [
+            {"name": n, "gpus": d["estimate"]["gpu"]["gpus"], "costPerHour": d["costPerHour"]}
+            for n, d in documents.items()
+        ],
+        "buckets": table["buckets"],
+        "cheapest": [winners[r * columns : (r + 1) * columns] for r in range(len(ins) - 1)],
+        "costPerMillion": costs,
     }
 
 
