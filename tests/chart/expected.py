@@ -61,3 +61,62 @@ def leader_args(lease: str) -> list[str]:
         "--lease-namespace=$(POD_NAMESPACE)",
         "--identity=$(POD_NAME)",
     ]
+
+
+# The router (router.enabled): its own app.kubernetes.io/name, so that no selector of the operator
+# matches it, nor its selectors the operator.
+ROUTER_SELECTOR = {
+    "app.kubernetes.io/name": "melange-operator-router",
+    "app.kubernetes.io/instance": RELEASE,
+}
+ROUTER_LABELS = {
+    **ROUTER_SELECTOR,
+    "app.kubernetes.io/component": "router",
+    "app.kubernetes.io/part-of": "melange-operator",
+    "app.kubernetes.io/version": "0.1.0",
+    "app.kubernetes.io/managed-by": "Helm",
+    "helm.sh/chart": "melange-operator-0.1.0",
+}
+
+
+def router_rules(allocation: str) -> list[dict[str, Any]]:
+    """The router's Role in the allocation's namespace: its routing ConfigMap by name, the upstream
+    Services, their EndpointSlices."""
+    return [
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [f"{allocation}-routing"],
+            "verbs": ["get", "list", "watch"],
+        },
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get"]},
+        {
+            "apiGroups": ["discovery.k8s.io"],
+            "resources": ["endpointslices"],
+            "verbs": ["list", "watch"],
+        },
+    ]
+
+
+def router_args(allocation: str, namespace: str, workers: int = 1) -> list[str]:
+    """The router container's arguments before the optional ones."""
+    return [
+        f"--table-configmap={namespace}/{allocation}-routing",
+        "--table-key=table.json",
+        "--host=0.0.0.0",
+        "--port=8080",
+        f"--workers={workers}",
+    ]
+
+
+def publisher_rules(allocation: str) -> list[dict[str, Any]]:
+    """The operator's Role in the router's allocation's namespace: publish its routing table."""
+    return [
+        {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["create"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [f"{allocation}-routing"],
+            "verbs": ["get", "update", "delete"],
+        },
+    ]

@@ -3,7 +3,8 @@
 The control plane has no kubelet, so the chart's Deployment never gets a pod. The operator runs
 out of cluster instead (`melange run --kubeconfig`), with a token of the chart's ServiceAccount
 from the TokenRequest API: exactly the permissions the chart's RBAC grants, nothing more, and with
-the arguments of the chart's Deployment, expanded the way the kubelet expands them.
+the arguments of the chart's Deployment, expanded the way the kubelet expands them. So does the
+router (`melange route`, router.enabled), with its own ServiceAccount's token.
 """
 
 from __future__ import annotations
@@ -86,19 +87,21 @@ class Release:
         self.installed = False
         return out
 
-    def kubeconfig(self, kube: Kube, path: Path) -> Path:
-        """A kubeconfig with a fresh token of the chart's ServiceAccount and the cluster's CA."""
+    def kubeconfig(self, kube: Kube, path: Path, service_account: str | None = None) -> Path:
+        """A kubeconfig with a fresh token of one of the chart's ServiceAccounts (the operator's
+        unless named) and the cluster's CA."""
+        account = service_account or self.fullname
         request = client.AuthenticationV1TokenRequest(
             spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_SECONDS)
         )
         status = (
             client.CoreV1Api(kube.api_client)
-            .create_namespaced_service_account_token(self.fullname, self.namespace, request)
+            .create_namespaced_service_account_token(account, self.namespace, request)
             .status
         )
         assert status is not None
         token = status.token
-        user = f"system:serviceaccount:{self.namespace}:{self.fullname}"
+        user = f"system:serviceaccount:{self.namespace}:{account}"
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -180,6 +183,54 @@ class OperatorRun:
         )
 
         wait_healthy(self.process, f"http://127.0.0.1:{health}/healthz", self.log)
+
+    def stop(self) -> None:
+        terminate(self.process)
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class RouterRun:
+    """The chart's `melange route ...` as one pod of the router's Deployment runs it, but out of
+    cluster: the Deployment's command and arguments, with a loopback address and a free port
+    instead of 0.0.0.0:8080, and KUBECONFIG holding the router ServiceAccount's token."""
+
+    def __init__(self, kubeconfig: Path, deployment: Mapping[str, Any], log_path: Path) -> None:
+        pod = deployment["spec"]["template"]["spec"]
+        (router,) = [c for c in pod["containers"] if c["name"] == "router"]
+        self.args: list[str] = [*router["command"], *router["args"]]
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.url = ""
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    def start(self) -> None:
+        port = _free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        command, args = self.args[:2], self.args[2:]
+        assert command == ["melange", "route"], command
+        argv = [MELANGE, "route", *(a for a in args if not a.startswith(("--host=", "--port=")))]
+        argv += ["--host=127.0.0.1", f"--port={port}"]
+        # Its only identity is the kubeconfig: no admin credentials, no in-cluster configuration.
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")
+        }
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**env, "KUBECONFIG": str(self.kubeconfig)},
+        )
+        wait_healthy(self.process, f"{self.url}/healthz", self.log)
 
     def stop(self) -> None:
         terminate(self.process)

@@ -97,3 +97,57 @@ def test_the_dry_run_refuses_what_the_schema_lets_through(cluster: Kube) -> None
     with pytest.raises(DynamicApiError) as error:
         dry_run(cluster, deployment)
     assert "maxSkew" in str(error.value)
+
+
+ROUTER_VALUES = DATA / "values-router.yaml"
+
+
+def test_every_router_object_with_every_router_value_is_accepted(cluster: Kube) -> None:
+    """The router's objects (router.enabled, every router value set, the HPA owning the replica
+    count), judged by the API server; its Role goes to the allocation's namespace."""
+    values = yaml.safe_load(ROUTER_VALUES.read_text())
+    allocation_namespace = values["router"]["allocation"]["namespace"]
+    try:
+        cluster.create_namespace(allocation_namespace)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    routed = [
+        m
+        for m in render(values)
+        if m["metadata"]["labels"].get("app.kubernetes.io/component") == "router"
+    ]
+    assert kinds(routed) == [
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Role",
+        "Role",
+        "RoleBinding",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+        "ServiceMonitor",
+    ]
+    refused = {}
+    for manifest in routed:
+        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        try:
+            accepted = dry_run(cluster, manifest)
+        except DynamicApiError as exc:
+            refused[name] = str(exc)
+            continue
+        assert accepted["metadata"]["labels"] == manifest["metadata"]["labels"], name
+        if manifest["kind"] == "HorizontalPodAutoscaler":
+            assert accepted["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
+            assert len(accepted["spec"]["metrics"]) == 2
+        if manifest["kind"] == "Role":
+            assert accepted["metadata"]["namespace"] == allocation_namespace
+    assert not refused, refused
+
+    # Without autoscaling too (spec.replicas set, no HPA), with the default values.
+    plain = render({"router": {"enabled": True, "allocation": {"name": "mixed"}}})
+    (deployment,) = [
+        m for m in plain if m["kind"] == "Deployment" and "router" in m["metadata"]["name"]
+    ]
+    assert dry_run(cluster, deployment)["spec"]["replicas"] == 2

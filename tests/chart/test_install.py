@@ -5,16 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import http.server
+import json
 import re
 import shutil
+import socket
+import threading
+import urllib.error
+import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client
+from kubernetes import client, watch
+from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic.exceptions import ForbiddenError, NotFoundError
 
 from melange import api
@@ -23,9 +30,9 @@ from tests.controlplane.harness import ControlPlane
 from tests.e2e.kube import CRD_FILE, Kinds, Kube, eventually
 from tests.e2e.test_operator import SPEC as E2E_SPEC
 
-from .expected import DEFAULT_RULES, leader_args, lease_rules
+from .expected import DEFAULT_RULES, leader_args, lease_rules, router_args, router_rules
 from .helm import CHART, HelmError
-from .release import OperatorRun, Release
+from .release import OperatorRun, Release, RouterRun
 
 pytestmark = pytest.mark.e2e
 
@@ -512,3 +519,362 @@ def test_release_takes_over_upgrades_and_keeps_the_crd(
         kube.wait_established(CRD_NAME)
         with contextlib.suppress(NotFoundError):
             kube.delete(Kinds.allocation, "kept", namespace)
+
+
+HPA = ("autoscaling/v2", "HorizontalPodAutoscaler")
+
+
+def _router_objects(namespace: str) -> list[dict[str, Any]]:
+    """What the operator and the model servers put in the allocation's namespace: the routing
+    table's ConfigMap, an upstream Service and its EndpointSlice; and a Secret and another
+    ConfigMap the router must not read."""
+    service_name = "mixed-l4"
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": "mixed-routing"},
+            "data": {"table.json": '{"schemaVersion": 1}'},
+        },
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other"}, "data": {}},
+        {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "token"}, "data": {}},
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": service_name},
+            "spec": {"ports": [{"name": "http", "port": 8000}], "selector": {"app": "vllm"}},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{service_name}-x1",
+                "labels": {"kubernetes.io/service-name": service_name},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.1.0.7"], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": 8000, "protocol": "TCP"}],
+        },
+    ]
+
+
+def test_router_identity_reads_its_table_and_upstreams_and_nothing_more(
+    kube: Kube, release: Release, namespace: str, tmp_path: Path
+) -> None:
+    """The chart's router (router.enabled) installed for an allocation in another namespace than
+    the release's: its objects, its restricted pod, and its RBAC, judged by SubjectAccessReviews
+    and exercised with the router ServiceAccount's own token as `melange route` reads the API
+    (the table's ConfigMap by name, the upstream Services, their EndpointSlices by label)."""
+    core = client.CoreV1Api(kube.api_client)
+    restricted = {"pod-security.kubernetes.io/enforce": "restricted"}
+    core.patch_namespace(release.namespace, {"metadata": {"labels": restricted}})
+    values = {"router": {"enabled": True, "allocation": {"name": "mixed", "namespace": namespace}}}
+    out = release.install(values)
+    ns, name = release.namespace, f"{release.fullname}-router"
+    assert f"Router (melange route) for the allocation {namespace}/mixed" in out  # NOTES.txt
+    assert f"http://{name}.{ns}.svc/v1" in out
+
+    deployment = kube.get(DEPLOYMENT, name, ns)
+    assert deployment["spec"]["replicas"] == 2
+    (route,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert route["args"] == router_args("mixed", namespace)
+    ports = kube.get(SERVICE, name, ns)["spec"]["ports"]
+    assert [(p["name"], p["port"], p["targetPort"]) for p in ports] == [("http", 80, "http")]
+    assert kube.get(PDB, name, ns)["spec"]["maxUnavailable"] == 1
+    assert kube.get(SERVICE_ACCOUNT, name, ns)
+    assert kube.get(ROLE, name, namespace)["rules"] == router_rules("mixed")
+    assert kube.get(ROLE_BINDING, name, namespace)["subjects"] == [
+        {"kind": "ServiceAccount", "name": name, "namespace": ns}
+    ]
+    absent(lambda: kube.get(ROLE, name, ns))  # nothing in the release namespace
+
+    # The pod the Deployment would create meets the "restricted" Pod Security Standard.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "router"}}
+    assert kube.create({**pod, "spec": deployment["spec"]["template"]["spec"]}, ns)
+
+    # What the API server's authorizer says of the router's identity.
+    user = f"system:serviceaccount:{ns}:{name}"
+    other = f"ops-{uuid.uuid4().hex[:8]}"
+    kube.create_namespace(other)
+    table = {"resource": "configmaps", "name": "mixed-routing"}
+    slices = {"group": "discovery.k8s.io", "resource": "endpointslices"}
+    for verb in ("get", "list", "watch"):
+        assert allowed(kube, user, verb=verb, namespace=namespace, **table), verb
+    for verb in ("list", "watch"):
+        assert allowed(kube, user, verb=verb, namespace=namespace, **slices), verb
+    assert allowed(kube, user, verb="get", namespace=namespace, resource="services", name="x")
+    refused = [
+        # no other ConfigMap, no list of all of them, no writes to its table
+        {"verb": "get", "resource": "configmaps", "name": "other"},
+        {"verb": "list", "resource": "configmaps"},
+        {"verb": "watch", "resource": "configmaps"},
+        *({"verb": verb, **table} for verb in ("update", "patch", "delete")),
+        {"verb": "create", "resource": "configmaps"},
+        # no Secret at all
+        *({"verb": verb, "resource": "secrets"} for verb in ("get", "list", "watch")),
+        {"verb": "get", "resource": "secrets", "name": "token"},
+        # Services and EndpointSlices are read only
+        {"verb": "list", "resource": "services"},
+        {"verb": "update", "resource": "services", "name": "mixed-l4"},
+        {"verb": "create", **slices},
+        {"verb": "delete", **slices, "name": "mixed-l4-x1"},
+        {"verb": "list", "resource": "pods"},
+        {"verb": "list", "group": "melange.dev", "resource": "melangeallocations"},
+    ]
+    for attributes in refused:
+        assert not allowed(kube, user, namespace=namespace, **attributes), attributes
+    # Nothing in any other namespace (the release's, another one), nor cluster-wide.
+    for elsewhere in (ns, other, ""):
+        for verb in ("get", "watch"):
+            assert not allowed(kube, user, verb=verb, namespace=elsewhere, **table), elsewhere
+        assert not allowed(kube, user, verb="list", namespace=elsewhere, **slices), elsewhere
+        assert not allowed(kube, user, verb="watch", namespace=elsewhere, **slices), elsewhere
+        assert not allowed(kube, user, verb="get", namespace=elsewhere, resource="services")
+        assert not allowed(kube, user, verb="get", namespace=elsewhere, resource="secrets")
+
+    # The operator may publish the table there, and change no other ConfigMap.
+    operator = f"system:serviceaccount:{ns}:{release.fullname}"
+    for verb in ("get", "update", "delete"):
+        assert allowed(kube, operator, verb=verb, namespace=namespace, **table), verb
+        assert not allowed(
+            kube, operator, verb=verb, namespace=namespace, resource="configmaps", name="other"
+        )
+        assert not allowed(kube, operator, verb=verb, namespace=other, **table)
+    assert allowed(kube, operator, verb="create", namespace=namespace, resource="configmaps")
+    assert not allowed(kube, operator, verb="create", namespace=other, resource="configmaps")
+
+    # The same with the router's own token, making the calls the router makes.
+    for body in _router_objects(namespace):
+        kube.create(body, namespace)
+    kube.create({**_router_objects(namespace)[0]}, other)
+    as_router = Kube(release.kubeconfig(kube, tmp_path / "router.kubeconfig", service_account=name))
+    # The generated clients' models and kubernetes.watch are not annotated.
+    core_r: Any = client.CoreV1Api(as_router.api_client)
+    discovery: Any = client.DiscoveryV1Api(as_router.api_client)
+    watcher: Any = watch.Watch
+    by_name = "metadata.name=mixed-routing"
+    assert core_r.read_namespaced_config_map("mixed-routing", namespace).data == {
+        "table.json": '{"schemaVersion": 1}'
+    }
+    listed = core_r.list_namespaced_config_map(namespace, field_selector=by_name)
+    assert [c.metadata.name for c in listed.items] == ["mixed-routing"]
+    events = watcher().stream(
+        core_r.list_namespaced_config_map, namespace, field_selector=by_name, timeout_seconds=5
+    )
+    first = next(events)
+    assert (first["type"], first["object"].metadata.name) == ("ADDED", "mixed-routing")
+    events.close()
+    upstream = "kubernetes.io/service-name=mixed-l4"
+    listed = discovery.list_namespaced_endpoint_slice(namespace, label_selector=upstream)
+    assert [s.endpoints[0].addresses for s in listed.items] == [["10.1.0.7"]]
+    events = watcher().stream(
+        discovery.list_namespaced_endpoint_slice,
+        namespace,
+        label_selector=upstream,
+        timeout_seconds=5,
+    )
+    assert next(events)["object"].metadata.name == "mixed-l4-x1"
+    events.close()
+    assert core_r.read_namespaced_service("mixed-l4", namespace).spec.ports[0].port == 8000
+    forbidden: list[Callable[[], object]] = [
+        lambda: core_r.list_namespaced_config_map(namespace),
+        lambda: core_r.read_namespaced_config_map("other", namespace),
+        lambda: core_r.read_namespaced_secret("token", namespace),
+        lambda: core_r.list_namespaced_secret(namespace),
+        lambda: core_r.read_namespaced_config_map("mixed-routing", other),
+        lambda: discovery.list_namespaced_endpoint_slice(other),
+        discovery.list_endpoint_slice_for_all_namespaces,
+        lambda: core_r.patch_namespaced_config_map("mixed-routing", namespace, {"data": {}}),
+    ]
+    for call in forbidden:
+        with pytest.raises(ApiException) as error:
+            call()
+        assert error.value.status == 403
+
+    # An HPA takes over the replica count: the Deployment loses spec.replicas (the API server
+    # defaults it to 1 until the HPA's first sync), the budget follows minReplicas.
+    autoscaled = {
+        "router": {**values["router"], "autoscaling": {"enabled": True, "minReplicas": 3}}
+    }
+    # (and an operator that does not watch the allocation's namespace: the notes warn)
+    out = release.upgrade({**autoscaled, "watchNamespaces": [other]})
+    assert f"WARNING: the operator does not watch {namespace}" in out
+    hpa = kube.get(HPA, name, ns)["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 10)
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+    assert kube.get(DEPLOYMENT, name, ns)["spec"]["replicas"] == 1
+    assert kube.get(PDB, name, ns)["spec"]["maxUnavailable"] == 1
+    # A count the HPA sets is kept by the next upgrade.
+    kube.merge_patch(DEPLOYMENT, name, ns, {"spec": {"replicas": 4}})
+    release.upgrade({"router": {**autoscaled["router"], "workers": 2}})
+    deployment = kube.get(DEPLOYMENT, name, ns)
+    assert deployment["spec"]["replicas"] == 4
+    assert "--workers=2" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    # Uninstalling removes the router, its Role and RoleBinding in the allocation's namespace.
+    release.uninstall()
+    absent(lambda: kube.get(DEPLOYMENT, name, ns))
+    absent(lambda: kube.get(HPA, name, ns))
+    absent(lambda: kube.get(ROLE, name, namespace))
+    absent(lambda: kube.get(ROLE_BINDING, name, namespace))
+    assert not allowed(kube, user, verb="watch", namespace=namespace, **table)
+
+
+class ModelServer:
+    """A stand-in for a GPU type's engine: answers every POST with an OpenAI completion and records
+    the paths it was sent. It listens on this machine's non-loopback address, since the API
+    refuses loopback addresses in an EndpointSlice."""
+
+    def __init__(self) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.connect(("192.0.2.1", 9))  # no packet is sent
+            except OSError:
+                pytest.skip("no non-loopback IPv4 address to put in an EndpointSlice")
+            self.host = str(probe.getsockname()[0])
+        if self.host.startswith("127."):
+            pytest.skip("no non-loopback IPv4 address to put in an EndpointSlice")
+        self.paths: list[str] = []
+        paths = self.paths
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                paths.append(self.path)
+                body = json.dumps(
+                    {
+                        "id": "cmpl-1",
+                        "object": "text_completion",
+                        "choices": [{"index": 0, "text": " ok", "finish_reason": "stop"}],
+                        "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer((self.host, 0), Handler)
+        self.port = int(self.server.server_address[1])
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _upstream(service: str, server: ModelServer) -> list[dict[str, Any]]:
+    """A GPU type's Service and the EndpointSlice its controller would write (none runs here)."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": service},
+            "spec": {"ports": [{"name": "http", "port": 8000, "targetPort": server.port}]},
+        },
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": f"{service}-1",
+                "labels": {"kubernetes.io/service-name": service},
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [server.host], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": server.port, "protocol": "TCP"}],
+        },
+    ]
+
+
+def _post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return int(response.status), json.loads(response.read())
+
+
+def _status(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def test_router_routes_the_table_the_operator_publishes_with_the_charts_permissions(
+    kube: Kube, release: Release, namespace: str, tmp_path: Path
+) -> None:
+    """The chart's two parts together, each with exactly the permissions the chart grants: the
+    operator (its Deployment's arguments, its ServiceAccount's token) publishes an allocation's
+    routing table, which router.enabled alone lets it write; the router (its Deployment's
+    arguments, its own token) follows that ConfigMap and the upstream Services' EndpointSlices,
+    becomes ready, and sends a request to a model server."""
+    values = {
+        "watchNamespaces": [namespace],
+        "router": {"enabled": True, "allocation": {"name": "chat", "namespace": namespace}},
+    }
+    release.install(values)
+    server = ModelServer()
+    kube.deployment("pool-l4", namespace, replicas=5)
+    kube.machine_deployment("pool-a100", namespace, replicas=5)
+    spec = copy.deepcopy(SPEC)
+    spec["routing"] = {"publishConfigMap": True}
+    for gpu in spec["gpus"]:
+        service = f"llm-{gpu['name'].lower()}"
+        gpu["upstream"] = {"service": service, "port": "http"}
+        for body in _upstream(service, server):
+            kube.create(body, namespace)
+
+    deployment = kube.get(DEPLOYMENT, release.fullname, release.namespace)
+    operator = OperatorRun(
+        release.kubeconfig(kube, tmp_path / "operator.kubeconfig"),
+        deployment,
+        tmp_path / "operator.log",
+    )
+    router_name = f"{release.fullname}-router"
+    router = RouterRun(
+        release.kubeconfig(kube, tmp_path / "router.kubeconfig", service_account=router_name),
+        kube.get(DEPLOYMENT, router_name, release.namespace),
+        tmp_path / "router.log",
+    )
+    assert router.args[2] == f"--table-configmap={namespace}/chat-routing"
+    operator.start()
+    router.start()  # before the table exists: live, not ready
+    try:
+        assert _status(f"{router.url}/readyz") == 503
+        kube.create(allocation("chat", spec), namespace)
+
+        def published() -> dict[str, Any]:
+            condition = kube.condition("chat", namespace, "RoutingPublished")
+            assert condition is not None
+            assert condition["status"] == "True", condition
+            return kube.get(("v1", "ConfigMap"), "chat-routing", namespace)
+
+        config_map = eventually(published, timeout=90)
+        table = json.loads(config_map["data"]["table.json"])
+        # Each type's Service, in the allocation's namespace (said, or the table's own).
+        assert {
+            gpu: (up["service"], up["port"], up.get("namespace", namespace))
+            for gpu, up in table["upstreams"].items()
+        } == {"L4": ("llm-l4", "http", namespace), "A100": ("llm-a100", "http", namespace)}
+        eventually(lambda: equal(_status(f"{router.url}/readyz"), 200), timeout=30)
+        status, answer = _post(
+            f"{router.url}/v1/completions",
+            {"model": "llama", "prompt": "hello there", "max_tokens": 4},
+        )
+        assert (status, answer["choices"][0]["text"]) == (200, " ok")
+        assert server.paths == ["/v1/completions"]
+    finally:
+        router.stop()
+        operator.stop()
+        server.close()
+        kube.delete(Kinds.allocation, "chat", namespace)
+        print(f"--- router log (tail) ---\n{router.log()[-4000:]}")
+        print(f"--- operator log (tail) ---\n{operator.log()[-4000:]}")
+    assert not re.findall(r".*(?:forbidden|\b403\b).*", router.log(), re.IGNORECASE)
+    assert not refusals(operator.log(), namespace, expected="")

@@ -36,6 +36,7 @@ from .helm import (
 
 SERVICE_MONITOR_API = "monitoring.coreos.com/v1/ServiceMonitor"
 EXTENSIONS = Path(__file__).parent / "data" / "values-extensions.yaml"
+ROUTER_VALUES = Path(__file__).parent / "data" / "values-router.yaml"
 CRD_NAME = "melangeallocations.melange.dev"
 VIEW, EDIT = f"{FULLNAME}-view", f"{FULLNAME}-edit"
 LEADER_ELECTION = f"{FULLNAME}-leader-election"
@@ -89,6 +90,8 @@ def container(manifests: list[Manifest]) -> dict[str, Any]:
         ["--set", "leaderElection.enabled=false,replicaCount=1"],
         ["--set", "clusterScopedTargets={nodepools.karpenter.sh},watchNamespaces={team-a}"],
         ["--values", str(EXTENSIONS)],
+        ["--set", "router.enabled=true,router.allocation.name=mixed"],
+        ["--values", str(EXTENSIONS), "--values", str(ROUTER_VALUES)],
     ],
     ids=[
         "defaults",
@@ -99,6 +102,8 @@ def container(manifests: list[Manifest]) -> dict[str, Any]:
         "single",
         "karpenter",
         "extensions",
+        "router",
+        "router-extensions",
     ],
 )
 def test_lint_strict(options: list[str]) -> None:
@@ -830,7 +835,13 @@ def _keys_with_comments(text: str) -> list[tuple[str, str]]:
 
 
 # Values that are Kubernetes objects passed through as they are: documented as a whole.
-PASS_THROUGH = ("resources.", "podSecurityContext.", "securityContext.", "grafanaDashboard.labels.")
+PASS_THROUGH = (
+    "resources.",
+    "podSecurityContext.",
+    "securityContext.",
+    "grafanaDashboard.labels.",
+    "router.resources.",
+)
 
 
 def test_every_value_is_documented_by_a_comment_starting_with_its_name() -> None:
@@ -852,7 +863,21 @@ def test_every_value_is_in_the_table_of_docs_helm_md() -> None:
     cells = " ".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     missing = [key for key in values if f"`{key}" not in cells]
-    for parent in ("crds", "metrics.serviceMonitor", "networkPolicy", "prometheusRule"):
+    parents: tuple[str, ...] = (
+        "crds",
+        "metrics.serviceMonitor",
+        "networkPolicy",
+        "prometheusRule",
+        "router",
+    )
+    # ... and each router object's keys, but for those documented as a whole, as at the top level.
+    whole = {"resources", "livenessProbe", "readinessProbe"}
+    parents += tuple(
+        f"router.{key}"
+        for key, value in values["router"].items()
+        if isinstance(value, dict) and key not in whole
+    )
+    for parent in parents:
         node = values
         for part in parent.split("."):
             node = node[part]
