@@ -16,8 +16,12 @@ each at half, once and twice its example rate, it simulates (`melange.tools.simu
 
 For each: cost per hour, the share of requests whose TPOT (decode time per token after the
 first) is within the SLO, the share whose TPOT is within it and whose time to first token is
-within 10 s (a queue that TPOT does not show), and the p99 time to first token. Every run uses the same trace for a workload and
-rate (same seed).
+within 10 s (a queue that TPOT does not show), and the p99 time to first token. Every run uses
+the same trace for a workload and rate (same seed).
+
+The simulated engine is the one tests/e2e/test_simulate_http.py checks against real serving: the
+same scheduler behind OpenAI-compatible streaming servers (tests/e2e/gpusim.py) and a real
+`melange route`, at small scale; the run's last line says so.
 """
 
 from __future__ import annotations
@@ -168,6 +172,10 @@ def main() -> None:
     print(
         f"\n{duration:g} s of Poisson traffic per run, seed {args.seed}; "
         f"{time.perf_counter() - began:.1f} s in all"
+    )
+    print(
+        "cross-check: the simulated engine against real HTTP serving (the same scheduler behind "
+        "streaming servers and melange route): pytest tests/e2e/test_simulate_http.py"
     )
 
 

@@ -114,6 +114,66 @@ def test_a_queue_that_tpot_does_not_show_is_seen_with_a_ttft_slo() -> None:
     assert math.isnan(one_type(profile, 2, 1).total.within_slo_and_ttft)  # none asked for
 
 
+def bare(model: sim.IterationModel, slo: float, max_num_seqs: int = 256) -> sim.Engine:
+    """An engine of these iteration terms, with no profile to account load against."""
+    return sim.Engine("X", 1.0, slo, model, (), (), (), "fitted", 0.0, max_num_seqs)
+
+
+def iterations(instance: sim.Instance, count: int) -> list[float]:
+    """The seconds of the next `count` iterations, run back to back."""
+    seconds = []
+    for _ in range(count):
+        before = instance.end
+        instance.step(before)
+        seconds.append(instance.end - before)
+    return seconds
+
+
+@pytest.mark.parametrize("batch", [100, 130, 160])
+def test_a_waiting_prompt_adds_at_most_a_share_of_the_slo_to_a_busy_iteration(batch: int) -> None:
+    """A memory-bound engine: in an idle iteration prompt tokens are free until their compute
+    reaches the weights' read time; in a busy one they are not. While a long prompt is chunked
+    in, every iteration stays within the SLO, or (a batch that alone takes more than three
+    quarters of it) within the batch's own time plus a quarter of the SLO, and the prompt
+    progresses."""
+    slo = 0.1
+    model = sim.IterationModel(
+        fixed=0.01, memory_fixed=0.05, compute_per_sequence=5e-4, compute_per_prefill_token=2e-4
+    )
+    outcome = sim.Outcome([], [], [], [], [])
+    instance = sim.Instance(bare(model, slo), outcome)
+    for _ in range(batch):
+        instance.submit(outcome.add(10, 10_000), 0.0)
+    while any(math.isnan(t) for t in outcome.first):
+        iterations(instance, 1)
+    alone = iterations(instance, 3)
+    assert alone[0] == pytest.approx(alone[2])  # a steady batch (no context term)
+    prompt = outcome.add(4000, 2)
+    instance.submit(prompt, instance.end)
+    limit = max(slo, alone[0] + sim.DEFAULT_MIN_PREFILL_SHARE * slo)
+    seconds = []
+    while math.isnan(outcome.first[prompt]):
+        seconds.extend(iterations(instance, 1))
+        assert len(seconds) < 100, "the prompt does not progress"
+    assert max(seconds) <= limit + 1e-12
+    assert min(seconds[:-1]) > alone[0]  # every iteration but the last (a part chunk) is full
+
+
+def test_a_cancelled_request_frees_its_slot_at_the_next_iteration() -> None:
+    outcome = sim.Outcome([], [], [], [], [])
+    instance = sim.Instance(bare(sim.IterationModel(fixed=0.01), 1.0, max_num_seqs=1), outcome)
+    first, second = outcome.add(5, 1000), outcome.add(5, 3)
+    instance.submit(first, 0.0)
+    instance.submit(second, 0.0)
+    iterations(instance, 3)
+    assert math.isnan(outcome.first[second])  # the one slot is taken
+    instance.cancel(first)
+    instance.advance(1.0)
+    assert math.isnan(outcome.finish[first])
+    assert outcome.finish[second] == pytest.approx(0.01 * 7)  # the 4th ends, then its own 3
+    assert not instance.busy
+
+
 def _plan(example: str, rate: float | None = None) -> tuple[Any, ...]:
     spec = spec_with(example)
     problem = Problem.from_spec(spec, rate=rate)

@@ -22,10 +22,13 @@ At most `max_num_seqs` sequences run, and a request is admitted only while the K
 mean footprint (input + output / 2 tokens, the profiles' own average context; no preemption is
 modelled). The prefill chunk is as large as keeps the iteration within the TPOT SLO (the scheduler
 the profiles assume: perfmodel's "prefill chunks sized to keep each step within the SLO"), and
-while prompts wait never smaller than what an idle iteration processes in `min_prefill_share` of
-the SLO (a quarter): waiting prompts always progress, so admission does not wait for the batch to
-fit the SLO, and an overloaded engine grows its batch up to `max_num_seqs` (or its KV cache) and
-misses the SLO, as vLLM does, instead of holding every request in the queue.
+while the decoding batch alone takes more than the SLO less `min_prefill_share` of it (a
+quarter), as large as adds that share to the batch's own seconds: waiting prompts always
+progress, so admission does not wait for the batch to fit the SLO, and an overloaded engine grows
+its batch up to `max_num_seqs` (or its KV cache) and misses the SLO, as vLLM does, instead of
+holding every request in the queue. The share is of this iteration's time, not of an idle one's:
+on a memory-bound engine prompt tokens are free in an idle iteration until its compute reaches the
+weights' read time, but not in a busy one, where as many tokens would cost far more.
 
 A sequence's first token comes at the end of the iteration that finishes its prompt; TPOT is
 `(finish - first token) / (output - 1)` (as `melange profile` measures it), so requests of one
@@ -43,8 +46,9 @@ matches the profile's throughput matrix:
   effective bandwidth (memory), 2 * params FLOPs per token plus attention at the effective FLOP/s
   (compute), the engine's host overheads (host), its KV budget and batch cap. The engine's fluid
   throughput is then the profile's formula, term for term (`fluid_throughput`);
-* any other matrix (a measured profile) is fitted with host terms only, the form of
-  `tests/e2e/gpusim.py` plus prefill and per-request work: in steady state at the SLO a batch of
+* any other matrix (a measured profile) is fitted with host terms only (the form
+  `tests/e2e/gpusim.py` serves, with this module's `Instance` as its engine, so a fitted engine
+  can be run over real HTTP too): in steady state at the SLO a batch of
   `B = T * O * SLO` sequences runs each step, so every served bucket gives one linear equation
   `(SLO - fixed) / B = per_sequence + per_request / O + per_context_token * (I + O / 2) +
   per_prefill_token * I / O` (or the batch cap's, when `B > max_num_seqs`). They are solved by
@@ -188,19 +192,6 @@ def fluid_throughput(
     if batch <= 0 or not math.isfinite(batch):
         return 0.0
     return batch / (o * step(batch))
-
-
-def chunk_within(iteration: IterationModel, seconds: float) -> int:
-    """The most prompt tokens an otherwise idle iteration adds at most `seconds` for (>= 1)."""
-    idle = iteration.seconds(0, 0.0, 0, 0.0, 0.0)
-    low, high = 1, 1 << 20
-    while low < high:
-        middle = (low + high + 1) // 2
-        if iteration.seconds(0, 0.0, 0, middle, float(middle) ** 2) - idle <= seconds:
-            low = middle
-        else:
-            high = middle - 1
-    return low
 
 
 def _representatives(edges: Sequence[int]) -> list[float]:
@@ -480,8 +471,10 @@ def trace_of(
 
 
 @dataclass
-class _Outcome:
-    """Per request, filled in as the simulation runs (lists: indexing them is fast in a loop)."""
+class Outcome:
+    """Per request, filled in as the simulation runs (lists: indexing them is fast in a loop).
+
+    A request is an index into these lists; whoever submits it appends its sizes first."""
 
     inputs: list[int]
     outputs: list[int]
@@ -489,9 +482,20 @@ class _Outcome:
     finish: list[float]
     k1: list[int]  # the iteration (of its instance) that gave the first token
 
+    def add(self, input_tokens: int, output_tokens: int) -> int:
+        """A new request of these sizes: its index."""
+        self.inputs.append(input_tokens)
+        self.outputs.append(output_tokens)
+        self.first.append(math.nan)
+        self.finish.append(math.nan)
+        self.k1.append(0)
+        return len(self.inputs) - 1
 
-class _Instance:
-    """One engine, advanced lazily: iterations run only up to the time the caller asks about.
+
+class Instance:
+    """One engine's scheduler, advanced lazily: iterations run only up to the time the caller asks
+    about. `simulate` drives it in simulated time; tests/e2e/gpusim.py drives the same scheduler in
+    real time behind an HTTP server (`step`, `first_tokens`, `cancel`), so both are one model.
 
     The decoding sequences are kept as aggregates, so an iteration costs O(1) whatever the batch:
     a sequence whose first token came at the end of iteration k1 holds context I + (k - k1) during
@@ -499,17 +503,18 @@ class _Instance:
     and it finishes at the end of iteration k1 + O - 1 (a heap keyed by that iteration).
     """
 
-    def __init__(self, engine: Engine, outcome: _Outcome) -> None:
+    def __init__(self, engine: Engine, outcome: Outcome) -> None:
         self.engine = engine
         self.model = engine.iteration
         self.slo = engine.tpot_slo
-        self.forced = chunk_within(engine.iteration, engine.min_prefill_share * engine.tpot_slo)
+        self.least = engine.min_prefill_share * engine.tpot_slo
         self.inputs = outcome.inputs
         self.outputs = outcome.outputs
         self.outcome = outcome
         self.waiting: deque[int] = deque()
         self.prefill: deque[list[int]] = deque()  # [request, tokens done]
-        self.done_prefill: list[int] = []
+        self.first_tokens: list[int] = []  # requests whose prompt the iteration in progress ends
+        self.cancelled: set[int] = set()
         self.decoding = 0
         self.offset = 0  # sum over decoding sequences of (input - k1)
         self.finishing: list[tuple[int, int]] = []  # (last iteration, request)
@@ -526,6 +531,7 @@ class _Instance:
         return self.inputs[request] + self.outputs[request] / 2
 
     def submit(self, request: int, now: float) -> None:
+        """Queue a request; an idle engine starts an iteration at `now`."""
         self.waiting.append(request)
         if not self.busy:
             self._start(now)
@@ -539,7 +545,47 @@ class _Instance:
             else:
                 self.busy = False
 
+    def step(self, start: float) -> None:
+        """End the iteration in progress (at `end`), and start the next at `start` (>= `end`)
+        when there is work: a real-time driver's way to not catch up with a long stall."""
+        if not self.busy:
+            return
+        self._finish()
+        if self.waiting or self.prefill or self.decoding:
+            self._start(max(start, self.end))
+        else:
+            self.busy = False
+
+    def cancel(self, request: int) -> None:
+        """Drop a request whose client went away, wherever it is, when the next iteration starts
+        (its slot and KV cache are then free)."""
+        self.cancelled.add(request)
+
+    def _drop_cancelled(self) -> None:
+        gone, outcome = self.cancelled, self.outcome
+        self.waiting = deque(r for r in self.waiting if r not in gone)
+        kept: deque[list[int]] = deque()
+        for entry in self.prefill:
+            if entry[0] in gone:
+                self.kv -= self.footprint(entry[0])
+            else:
+                kept.append(entry)
+        self.prefill = kept
+        live = []
+        for last, request in self.finishing:
+            if request in gone:
+                self.decoding -= 1
+                self.offset -= self.inputs[request] - outcome.k1[request]
+                self.kv -= self.footprint(request)
+            else:
+                live.append((last, request))
+        heapq.heapify(live)
+        self.finishing = live
+        gone.clear()
+
     def _start(self, now: float) -> None:
+        if self.cancelled:
+            self._drop_cancelled()
         engine, model = self.engine, self.model
         admitted = 0
         while self.waiting and len(self.prefill) + self.decoding < engine.max_num_seqs:
@@ -553,7 +599,7 @@ class _Instance:
             admitted += 1
         n = self.decoding
         context = float(self.offset + n * self.k)
-        # the host and compute seconds so far, then prompt chunks while they fit in the SLO
+        # the host and compute seconds so far, then prompt chunks while they fit in the limit
         host = model.fixed + model.per_sequence * n + model.per_request * admitted
         host += model.per_context_token * context
         memory = model.memory_fixed + model.memory_per_context_token * context
@@ -563,16 +609,19 @@ class _Instance:
             model.compute_per_prefill_token,
             model.compute_per_prefill_square,
         )
-        forced = self.forced
+        # the SLO, or while the decoding batch alone leaves less than `least` of it, the batch's
+        # own seconds plus `least`: waiting prompts always progress
+        limit = max(self.slo, host + max(memory, compute) + self.least) if n else math.inf
         cap = MAX_PREFILL_TOKENS if n == 0 else math.inf
         tokens = 0.0
-        self.done_prefill = []
+        self.first_tokens = []
         for entry in self.prefill:
             request, done = entry
             left = self.inputs[request] - done
-            fit = self._fit(host, memory, compute, a, b, q, done) if n else math.inf
-            take = min(left, max(fit, forced - tokens), cap - tokens)
-            take = max(int(take), 0)
+            fit = _fit(limit, host, memory, compute, a, b, q, done)
+            take = max(int(min(left, fit, cap - tokens)), 0)
+            if take <= 0 and tokens == 0 and left > 0:
+                take = 1  # a token per iteration at least, whatever one costs
             if take <= 0 and left > 0:
                 break
             host += a * take
@@ -581,27 +630,9 @@ class _Instance:
             entry[1] = done + take
             if take < left:
                 break
-            self.done_prefill.append(request)
+            self.first_tokens.append(request)
         self.end = now + host + max(memory, compute)
         self.busy = True
-
-    def _fit(
-        self, host: float, memory: float, compute: float, a: float, b: float, q: float, s: int
-    ) -> float:
-        """Prompt tokens from position `s` that keep this iteration within the SLO."""
-        room = self.slo - host
-        limits = []
-        if room - memory < 0 or room - compute < 0:
-            return 0.0
-        if a > 0:
-            limits.append((room - memory) / a)
-        # q c^2 + (a + b + 2 q s) c <= room - compute
-        linear, free = a + b + 2 * q * s, room - compute
-        if q > 0:
-            limits.append((-linear + math.sqrt(linear * linear + 4 * q * free)) / (2 * q))
-        elif linear > 0:
-            limits.append(free / linear)
-        return max(min(limits, default=math.inf), 0.0)
 
     def _finish(self) -> None:
         k, end, outcome = self.k, self.end, self.outcome
@@ -612,7 +643,7 @@ class _Instance:
             self.decoding -= 1
             self.offset -= self.inputs[request] - outcome.k1[request]
             self.kv -= self.footprint(request)
-        for request in self.done_prefill:  # a prefix of the prefill queue
+        for request in self.first_tokens:  # a prefix of the prefill queue
             self.prefill.popleft()
             outcome.first[request] = end
             if self.outputs[request] <= 1:
@@ -623,8 +654,27 @@ class _Instance:
             self.decoding += 1
             self.offset += self.inputs[request] - k
             heapq.heappush(finishing, (k + self.outputs[request] - 1, request))
-        self.done_prefill = []
+        self.first_tokens = []
         self.k = k + 1
+
+
+def _fit(
+    limit: float, host: float, memory: float, compute: float, a: float, b: float, q: float, s: int
+) -> float:
+    """Prompt tokens from position `s` that keep an iteration within `limit` seconds."""
+    room = limit - host
+    if room - memory < 0 or room - compute < 0:
+        return 0.0
+    limits = []
+    if a > 0:
+        limits.append((room - memory) / a)
+    # q c^2 + (a + b + 2 q s) c <= room - compute
+    linear, free = a + b + 2 * q * s, room - compute
+    if q > 0:
+        limits.append((-linear + math.sqrt(linear * linear + 4 * q * free)) / (2 * q))
+    elif linear > 0:
+        limits.append(free / linear)
+    return max(min(limits, default=math.inf), 0.0)
 
 
 # --- the fleet ---------------------------------------------------------------------------------------
@@ -690,9 +740,9 @@ def simulate(
     arrivals = trace.arrivals.tolist()
     inputs = trace.input_tokens.tolist()
     outputs = trace.output_tokens.tolist()
-    outcome = _Outcome(inputs, outputs, [math.nan] * n, [math.nan] * n, [0] * n)
+    outcome = Outcome(inputs, outputs, [math.nan] * n, [math.nan] * n, [0] * n)
     fleet = {
-        engine.name: [_Instance(engine, outcome) for _ in range(instances.get(engine.name, 0))]
+        engine.name: [Instance(engine, outcome) for _ in range(instances.get(engine.name, 0))]
         for engine in engines
     }
     everyone = [instance for engine in engines for instance in fleet[engine.name]]
@@ -734,9 +784,9 @@ def simulate(
 
 def _report(
     engines: Sequence[Engine],
-    fleet: Mapping[str, list[_Instance]],
+    fleet: Mapping[str, list[Instance]],
     trace: Trace,
-    outcome: _Outcome,
+    outcome: Outcome,
     served: Ints,
     routing: Routing,
     ttft_slo: float | None,
