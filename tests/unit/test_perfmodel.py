@@ -11,6 +11,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -162,10 +163,23 @@ def test_matrix_shape_is_rows_input_buckets_columns_output_buckets() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rule", "expected"), [("geometric", 20.0), ("arithmetic", 200.5), ("upper", 400.0)]
+    ("rule", "expected"),
+    [("mean", 399 / math.log(400)), ("geometric", 20.0), ("arithmetic", 200.5), ("upper", 400.0)],
 )
 def test_representative_size_rules(rule: perfmodel.RepresentativeRule, expected: float) -> None:
     assert perfmodel.representative_size(1, 400, rule) == pytest.approx(expected)
+
+
+def test_the_mean_size_is_the_mean_of_lengths_spread_evenly_in_log_space() -> None:
+    """A bucket's throughput is a rate of requests: it is their mean work that the profile must
+    stand for. Lengths spread evenly in log space over [1, 25) (as the simulator draws them)
+    average 7.5 tokens, half as much again as their median, the geometric midpoint 5."""
+    rng = np.random.default_rng(0)
+    drawn = np.exp(rng.uniform(math.log(1), math.log(25), 200_000))
+    assert perfmodel.representative_size(1, 25) == pytest.approx(drawn.mean(), rel=0.01)
+    assert perfmodel.representative_size(1, 25, "geometric") == pytest.approx(
+        np.median(drawn), rel=0.01
+    )
 
 
 def test_bad_inputs_are_rejected() -> None:
@@ -197,8 +211,8 @@ def test_describe_inputs_records_everything_the_estimate_used() -> None:
     }
     assert inputs["engine"]["memoryReserveFraction"] == 0.1
     assert inputs["tpotSloSeconds"] == 0.12
-    assert inputs["representativeSize"] == "geometric"
-    assert "sqrt" in inputs["representativeSizeRule"]
+    assert inputs["representativeSize"] == "mean"
+    assert "ln(high / low)" in inputs["representativeSizeRule"]
     assert inputs["buckets"] == {"inputTokens": INPUT_EDGES, "outputTokens": OUTPUT_EDGES}
 
 

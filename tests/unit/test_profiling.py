@@ -38,7 +38,8 @@ def test_percentile_counts_unfinished_requests_as_over_the_slo() -> None:
 @pytest.mark.parametrize(
     ("low", "high", "point", "expected"),
     [
-        (1, 25, "geometric", 5),  # as the shipped estimates: sqrt(1 * 25)
+        (1, 25, "mean", 7),  # as the shipped estimates: 24 / ln(25) = 7.46
+        (1, 25, "geometric", 5),  # sqrt(1 * 25)
         (1, 25, "arithmetic", 13),
         (1, 25, "upper", 24),  # the bucket's largest request, not its (exclusive) edge
         (1, 2, "geometric", 1),  # always inside [low, high)

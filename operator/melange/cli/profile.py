@@ -263,10 +263,11 @@ def _output_file(output: Path | None, deprecated: Path | None) -> Path:
 @click.option(
     "--size-point",
     type=click.Choice(measurement.SIZE_POINTS),
-    default="geometric",
+    default="mean",
     show_default=True,
-    help="Request length that stands for a bucket [low, high): its geometric midpoint (as the "
-    "estimates), arithmetic midpoint, or high - 1 (conservative).",
+    help="Request length that stands for a bucket [low, high): the mean of lengths spread evenly "
+    "in log space (as the estimates), its geometric or arithmetic midpoint, or high - 1 "
+    "(conservative).",
 )
 @click.option(
     "--arrivals",

@@ -184,7 +184,7 @@ def profiles_estimate(
 
     Prefill is bound by the GPU's FLOP/s, decode by its memory bandwidth, and the batch by the
     memory left for the KV cache after the weights and by the SLO; each bucket is represented by the
-    geometric midpoint of its edges. The efficiencies and overheads are fitted to published
+    mean of lengths spread evenly in log space between its edges. The efficiencies and overheads are fitted to published
     measurements (`python -m melange.tools.profiles.calibrate`). The output records every input,
     labelled as an estimate.
     """
@@ -316,11 +316,12 @@ def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None)
 )
 @click.option(
     "--size-point",
-    type=click.Choice(["geometric", "arithmetic", "upper"]),
-    default="geometric",
+    type=click.Choice(["mean", "geometric", "arithmetic", "upper"]),
+    default="mean",
     show_default=True,
-    help="The request size that stands for a bucket: its geometric or arithmetic midpoint, or "
-    "its upper edge (with edges 1,25,100,... the sizes 25, 100, ... themselves).",
+    help="The request size that stands for a bucket: the mean of lengths spread evenly in log "
+    "space (as the shipped profiles), its geometric or arithmetic midpoint, or its upper edge "
+    "(with edges 1,25,100,... the sizes 25, 100, ... themselves).",
 )
 @_TABLE_FORMAT
 def profiles_cheapest(

@@ -7,8 +7,8 @@ it:
 
 - **Sizing**: a bucket `[low, high)` is measured with requests of one representative length
   (`request_size`), by the same rules as the estimates (`melange.tools.perfmodel.representative_size`:
-  the geometric midpoint by default, or the arithmetic one, or `high - 1`, the conservative worst
-  case), rounded to whole tokens inside the bucket.
+  by default the mean of lengths spread evenly in log space, or the geometric or arithmetic
+  midpoint, or `high - 1`, the conservative worst case), rounded to whole tokens inside the bucket.
 - **A step** offers open-loop load at one rate for a warm-up, then a measurement window
   (`plan_step`). It passes (`judge`) when the TPOT percentile of the requests sent in the window
   is within the SLO, the server completed at least `keep_up` of the offered rate in the window (so
@@ -33,7 +33,7 @@ from typing import Any, Literal, get_args
 from melange.tools import profiles
 from melange.tools.perfmodel import RepresentativeRule, representative_size
 
-SizePoint = Literal["geometric", "arithmetic", "upper"]
+SizePoint = Literal["mean", "geometric", "arithmetic", "upper"]
 SIZE_POINTS: tuple[str, ...] = get_args(SizePoint)
 Arrivals = Literal["uniform", "poisson"]
 ARRIVALS: tuple[str, ...] = get_args(Arrivals)
@@ -77,7 +77,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return low + (high - low) * (position - below)
 
 
-def request_size(low: int, high: int, point: SizePoint = "geometric") -> int:
+def request_size(low: int, high: int, point: SizePoint = "mean") -> int:
     """The whole number of tokens that stands for bucket `[low, high)`: `low <= n <= high - 1`."""
     rule: RepresentativeRule = point
     return min(high - 1, max(low, round(representative_size(low, high, rule))))

@@ -13,7 +13,7 @@ and carries `describe_inputs(...)` so it can be told apart from, and replaced by
 The model, per bucket (all quantities are averages over a steady state):
 
 * Representative request: input `I` and output `O` tokens chosen from the bucket edges
-  (`representative_size`; geometric midpoint by default).
+  (`representative_size`; by default the mean of lengths spread evenly in log space).
 * Average in-flight context `ctx = I + O/2`: a request is decoding, on average, halfway through its
   output. It sets the KV-cache bytes each request holds and reads per decode step.
 * One engine step (one output token for each of the `B` running requests, with the prompts of newly
@@ -56,7 +56,7 @@ from dataclasses import asdict, dataclass
 from itertools import pairwise
 from typing import Any, Literal, get_args
 
-RepresentativeRule = Literal["geometric", "arithmetic", "upper"]
+RepresentativeRule = Literal["mean", "geometric", "arithmetic", "upper"]
 """How a bucket `[lo, hi)` is reduced to one request size (see `representative_size`)."""
 
 ESTIMATE_SCHEMA_VERSION = 1
@@ -330,17 +330,22 @@ SHIPPED_INSTANCES: dict[str, dict[str, int]] = {
 """Per shipped model, the GPU types it is shipped for and how many GPUs an instance has."""
 
 
-def representative_size(low: float, high: float, rule: RepresentativeRule = "geometric") -> float:
+def representative_size(low: float, high: float, rule: RepresentativeRule = "mean") -> float:
     """The one request length that stands for bucket `[low, high)`.
 
-    `geometric` (default): sqrt(low * high). The default edges grow roughly geometrically and real
-    length distributions are close to log-normal, so within a bucket lengths are spread evenly in
-    log space and the geometric midpoint is their median; the arithmetic midpoint would let the
-    upper edge dominate (13 instead of 5 tokens for the bucket [1, 25)).
-    `arithmetic`: (low + high) / 2. `upper`: high, the bucket's worst case (a conservative profile).
+    The default edges grow roughly geometrically and real length distributions are close to
+    log-normal, so within a bucket lengths are spread about evenly in log space.
+    `mean` (default): (high - low) / ln(high / low), the mean length of such a spread. A bucket's
+    throughput is a rate of requests, and the work a stream of them brings is its mean work, not
+    its median's: a profile at the median (`geometric`, sqrt(low * high), 5 tokens for [1, 25)
+    against a mean of 7.5) overstates how many requests of the bucket an instance serves.
+    `arithmetic`: (low + high) / 2, which lets the upper edge dominate (13 tokens for [1, 25)).
+    `upper`: high, the bucket's worst case (a conservative profile).
     """
     if not 0 < low < high:
         raise ValueError(f"bucket edges must satisfy 0 < low < high, got [{low}, {high})")
+    if rule == "mean":
+        return (high - low) / math.log(high / low)
     if rule == "geometric":
         return math.sqrt(low * high)
     if rule == "arithmetic":
@@ -477,7 +482,7 @@ def estimate_throughput(
     tpot_slo_seconds: float,
     *,
     engine: EngineSpec | None = None,
-    representative: RepresentativeRule = "geometric",
+    representative: RepresentativeRule = "mean",
     significant_digits: int = DEFAULT_SIGNIFICANT_DIGITS,
 ) -> list[list[float]]:
     """The throughput matrix (rows: input buckets, columns: output buckets) as `spec.gpus[]` wants.
@@ -519,7 +524,7 @@ def describe_inputs(
     tpot_slo_seconds: float,
     *,
     engine: EngineSpec | None = None,
-    representative: RepresentativeRule = "geometric",
+    representative: RepresentativeRule = "mean",
     significant_digits: int = DEFAULT_SIGNIFICANT_DIGITS,
 ) -> dict[str, Any]:
     """Every input of an `estimate_throughput` call, as plain data: an estimated profile's label.
@@ -537,6 +542,7 @@ def describe_inputs(
         "buckets": {"inputTokens": list(input_edges), "outputTokens": list(output_edges)},
         "representativeSize": representative,
         "representativeSizeRule": {
+            "mean": "(high - low) / ln(high / low): the mean of lengths spread evenly in log space",
             "geometric": "sqrt(low * high) of each bucket's edges",
             "arithmetic": "(low + high) / 2 of each bucket's edges",
             "upper": "the bucket's upper edge",
@@ -564,7 +570,7 @@ def build_profile(
     output_edges: list[int] | None = None,
     *,
     engine: EngineSpec | None = None,
-    representative: RepresentativeRule = "geometric",
+    representative: RepresentativeRule = "mean",
     significant_digits: int = DEFAULT_SIGNIFICANT_DIGITS,
 ) -> dict[str, Any]:
     """A profile: a `spec.gpus[]` entry (`name`, `costPerHour`, `throughput`) plus its metadata."""

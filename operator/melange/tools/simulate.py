@@ -61,8 +61,8 @@ this module depends on no router) for the type by input length (`size-aware-outp
 length), then sends the request to that type's instance with the fewest outstanding requests;
 `round-robin` sends it to every instance in turn, whatever its type and the request's size.
 
-Request sizes within a bucket are log-uniform (median: the geometric midpoint, the profiles'
-representative size). Everything is deterministic for a seed. Pure: no I/O.
+Request sizes within a bucket are log-uniform (their mean is the profiles' representative size,
+`perfmodel.representative_size`). Everything is deterministic for a seed. Pure: no I/O.
 """
 
 from __future__ import annotations

@@ -407,7 +407,7 @@ def cheapest_grid(
     input_edges: list[int] | None = None,
     output_edges: list[int] | None = None,
     era: perfmodel.EngineEra = "current",
-    representative: perfmodel.RepresentativeRule = "geometric",
+    representative: perfmodel.RepresentativeRule = "mean",
 ) -> dict[str, Any]:
     """Which GPU type the performance model says serves each bucket cheapest, for `model` at a
     TPOT SLO: cost per request = an instance's price / its throughput in the bucket.
