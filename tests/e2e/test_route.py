@@ -3,8 +3,9 @@
 Two GPU types, A and B, with two simulators each; the router is a `melange route` process over a
 hand-written table. Checked: each type gets its table share of each input bucket, a type whose
 servers stop passes its requests to the other, streams pass through as they are made, a client
-that goes away frees the engine, and a rewritten table file routes without a restart. No
-Kubernetes control plane is needed.
+that goes away frees the engine, a rewritten table file routes without a restart, and worker
+processes sharing the port sum their metrics. No Kubernetes control plane is needed (the table in
+a ConfigMap and the engines from EndpointSlices: test_route_kube.py).
 """
 
 from __future__ import annotations
@@ -111,22 +112,30 @@ def tokenizer_args(workdir: Path) -> list[str]:
 def start_router(
     workdir: Path, table_path: Path, upstreams: dict[str, list[str]], *extra: str
 ) -> Router:
+    return launch_router(
+        workdir,
+        f"--table={table_path}",
+        *(f"--upstream={gpu}={url}" for gpu, urls in upstreams.items() for url in urls),
+        *extra,
+    )
+
+
+def launch_router(workdir: Path, *args: str, env: dict[str, str] | None = None) -> Router:
+    """`melange route ARGS` on a free port, once /healthz answers (the table may come later)."""
     port = free_port()
     log_path = workdir / f"route-{port}.log"
     argv = [
         MELANGE,
         "route",
-        f"--table={table_path}",
-        *(f"--upstream={gpu}={url}" for gpu, urls in upstreams.items() for url in urls),
+        *args,
         "--host=127.0.0.1",
         f"--port={port}",
         "--seed=7",
         "--connect-timeout=1",
         *tokenizer_args(workdir),
-        *extra,
     ]
     with log_path.open("ab") as output:
-        process = subprocess.Popen(argv, cwd=REPO, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(argv, cwd=REPO, stdout=output, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
@@ -442,3 +451,29 @@ def test_chat_by_both_lengths_and_busy_types(tmp_path: Path) -> None:
     finally:
         terminate(router.process)
         echo.close()
+
+
+def test_workers_share_the_port_and_sum_their_metrics(fleet: Fleet) -> None:
+    """--workers 2: two processes take the connections; whichever answers /metrics counts both."""
+    table_path = fleet.workdir / "workers.json"
+    write_table(table_path, table(BY_INPUT))
+    router = start_router(fleet.workdir, table_path, fleet.upstreams(), "--workers=2")
+    try:
+        eventually(
+            lambda: _assert_len(
+                set(re.findall(r"\(process (\d+)\)", router.log_path.read_text())), 2
+            ),
+            timeout=20,
+        )
+        rows = [0] * 150 + [1] * 150
+        assert set(send(router.url, rows)) == {200}
+        for _ in range(6):  # each scrape is answered by one worker or the other
+            assert router.sum(r"melange_route_requests_total\{.*\}") == len(rows)
+            assert router.sum(r"melange_route_requests_in_flight\{.*\}") == 0
+    finally:
+        terminate(router.process)
+    assert router.process.returncode == 0
+
+
+def _assert_len(values: set[str], n: int) -> None:
+    assert len(values) == n, values

@@ -37,7 +37,7 @@ def published_spec(rate: float = 34) -> dict[str, Any]:
     return spec
 
 
-def config_map(kube: Kube, namespace: str) -> client.V1ConfigMap:
+def config_map(kube: Kube, namespace: str) -> Any:  # a V1ConfigMap, its metadata always set
     return client.CoreV1Api(kube.api_client).read_namespaced_config_map(CONFIG_MAP, namespace)
 
 
@@ -118,10 +118,8 @@ def test_the_table_is_published_in_status_and_configmap_and_follows_the_plan(
     )
 
     def removed() -> None:
-        names = [
-            c.metadata.name
-            for c in client.CoreV1Api(kube.api_client).list_namespaced_config_map(namespace).items
-        ]
+        listed: Any = client.CoreV1Api(kube.api_client).list_namespaced_config_map(namespace)
+        names = [c.metadata.name for c in listed.items]
         assert CONFIG_MAP not in names
         status = kube.allocation(NAME, namespace)["status"]
         assert "routingConfigMap" not in status

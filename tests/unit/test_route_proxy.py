@@ -113,7 +113,10 @@ def test_route_command_needs_one_table_source() -> None:
     runner = CliRunner()
     result = runner.invoke(main, ["route", "--upstream=A=http://a"])
     assert result.exit_code == 2
-    assert "exactly one of --table FILE and --allocation FILE" in result.output
+    assert "exactly one of --table FILE, --allocation FILE and --table-configmap" in result.output
+    result = runner.invoke(main, ["route", "--table=t.json", "--table-configmap=routing"])
+    assert result.exit_code == 2
+    assert "exactly one of" in result.output
     result = runner.invoke(main, ["route", "--upstream=A=http://a", "--table=/nonexistent.json"])
     assert result.exit_code == 2
     assert "cannot read" in result.output

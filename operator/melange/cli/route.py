@@ -1,18 +1,18 @@
 """`melange route`: serve an OpenAI-compatible proxy that sends each request to the GPU type its
 plan sized for it (`melange.route.proxy`; docs/routing.md#melange-route).
 
-aiohttp, the solver and the optional tokenizer load when the command runs, not for its help.
+aiohttp, the solver, the Kubernetes client and the optional tokenizer load when the command runs,
+not for its help.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import click
 
@@ -103,6 +103,19 @@ def tokenizer_counter(path: Path) -> rq.TextCounter:
     help="An allocation as `melange solve` reads it: solved, and re-solved when it changes.",
 )
 @click.option(
+    "--table-configmap",
+    "table_configmap",
+    metavar="[NAMESPACE/]NAME",
+    help="The routing table in a ConfigMap (as the operator publishes it), watched through the "
+    "Kubernetes API; NAMESPACE defaults to the pod's own.",
+)
+@click.option(
+    "--table-key",
+    default="table.json",
+    show_default=True,
+    help="With --table-configmap: the ConfigMap's key that holds the table.",
+)
+@click.option(
     "--rate",
     type=click.FloatRange(min=0),
     help="With --allocation: the total request rate to solve for, instead of its totalRate.",
@@ -112,9 +125,8 @@ def tokenizer_counter(path: Path) -> rq.TextCounter:
     "upstream_values",
     metavar="TYPE=URL",
     multiple=True,
-    required=True,
     help="An engine of a GPU type, at its root URL (e.g. L4=http://l4-0:8000); repeatable, "
-    "several per type.",
+    "several per type. For a type with none, the servers of the Service the table names.",
 )
 @click.option("--host", default="0.0.0.0", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True)
@@ -136,6 +148,19 @@ def tokenizer_counter(path: Path) -> rq.TextCounter:
     show_default=True,
     help="Without --tokenizer, prompt tokens are estimated as characters / this.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Processes sharing the port (SO_REUSEPORT), each on one core.",
+)
+@click.option(
+    "--event-loop",
+    type=click.Choice(["auto", "asyncio", "uvloop"]),
+    default="auto",
+    hidden=True,  # benchmarks/router.py compares them; auto is uvloop when installed
+)
 @click.option("--seed", type=int, help="Seed of the random draws that pick a type (tests).")
 @click.option(
     "--connect-timeout",
@@ -147,6 +172,8 @@ def tokenizer_counter(path: Path) -> rq.TextCounter:
 def route_command(
     table_file: Path | None,
     allocation_file: str | None,
+    table_configmap: str | None,
+    table_key: str,
     rate: float | None,
     upstream_values: tuple[str, ...],
     host: str,
@@ -154,22 +181,29 @@ def route_command(
     trust_max_tokens: bool,
     tokenizer: Path | None,
     chars_per_token: float,
+    workers: int,
+    event_loop: Literal["auto", "asyncio", "uvloop"],
     seed: int | None,
     connect_timeout: float,
 ) -> None:
     """Serve an OpenAI-compatible proxy that sends each request to the GPU type sized for it.
 
-    Give the routing table (--table, as `melange.plan.routing.to_dict` writes it) or an
-    allocation to solve (--allocation), and the engines of each GPU type (--upstream). Serves
-    POST /v1/completions and /v1/chat/completions (streamed through unchanged), GET /v1/models,
-    /metrics and /healthz. A type that refuses a request (down, 429, 503) passes it to another.
-    Exits 2 when the input is invalid, 1 when the allocation has no plan.
+    Give the routing table (--table, as `melange.plan.routing.to_dict` writes it; or
+    --table-configmap, where the operator publishes it) or an allocation to solve (--allocation),
+    and the engines of each GPU type (--upstream, or a Service per type named in the table).
+    Serves POST /v1/completions and /v1/chat/completions (streamed through unchanged), GET
+    /v1/models, /metrics, /healthz and /readyz. A type that refuses a request (down, 429, 503)
+    passes it to another. Exits 2 when the input is invalid, 1 when the allocation has no plan.
     """
     for name, value in (("--rate", rate), ("--chars-per-token", chars_per_token)):
         if value is not None and not math.isfinite(value):
             fail([f"{name}: must be a finite number, got {value}"], EXIT_INVALID)
-    if (table_file is None) == (allocation_file is None):
-        fail(["give exactly one of --table FILE and --allocation FILE"], EXIT_INVALID)
+    sources = [table_file, allocation_file, table_configmap]
+    if sum(source is not None for source in sources) != 1:
+        fail(
+            ["give exactly one of --table FILE, --allocation FILE and --table-configmap NAME"],
+            EXIT_INVALID,
+        )
     if rate is not None and rate > api.MAX_RATE:  # the bound of spec.workload.totalRate
         fail([f"--rate: must be <= {api.MAX_RATE}, got {rate:g}"], EXIT_INVALID)
     if rate is not None and allocation_file is None:
@@ -179,27 +213,39 @@ def route_command(
         tokenizer_counter(tokenizer) if tokenizer is not None else rq.char_estimate(chars_per_token)
     )
 
-    from melange.route import proxy
+    from melange.route import kube, proxy
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    namespace = kube.own_namespace()
+    table: RouteTable | None = None
+    watch: tuple[str, Callable[[], RouteTable]] | None = None
+    configmap: tuple[str, str] | None = None
     if table_file is not None:
-        watched = str(table_file)
         load = proxy.file_loader(table_file)
         try:
             table = load()
         except ValueError as exc:
             fail([f"--table {exc}"], EXIT_INVALID)
-    else:
-        assert allocation_file is not None
-        watched = allocation_file
-        load = allocation_loader(allocation_file, rate)
+        watch = (str(table_file), load)
+    elif allocation_file is not None:
         try:
             table = allocation_table(read_allocation(allocation_file).spec, rate)
         except ValueError as exc:
             fail([str(exc)], EXIT_INFEASIBLE)
-    if not any(gpu in upstreams for gpu in table.gpus):
+        watch = (allocation_file, allocation_loader(allocation_file, rate))
+    else:
+        assert table_configmap is not None
+        try:
+            configmap = kube.parse_configmap(table_configmap, namespace)
+            kube.connect()  # fails here, not in the server, without a Kubernetes configuration
+        except ValueError as exc:
+            fail([f"--table-configmap: {exc}"], EXIT_INVALID)
+    if table is not None and not any(g in upstreams or table.upstream(g) for g in table.gpus):
         fail(
-            [f"--upstream: no GPU type of the table ({', '.join(table.gpus)}) has an upstream"],
+            [
+                f"--upstream: no GPU type of the table ({', '.join(table.gpus)}) has an upstream "
+                "(an --upstream, or a Service in the table)"
+            ],
             EXIT_INVALID,
         )
     settings = proxy.Settings(
@@ -208,8 +254,14 @@ def route_command(
         seed=seed,
         connect_timeout=connect_timeout,
     )
-    router = proxy.Router(table, upstreams, settings, watch=(watched, load))
+
+    def make_router(metrics: proxy.Metrics) -> proxy.Router:
+        feed = kube.KubeFeed(configmap, table_key, namespace)  # connects when first needed
+        return proxy.Router(table, upstreams, settings, watch=watch, feed=feed, metrics=metrics)
+
     try:
-        asyncio.run(proxy.serve(router, host, port))
+        status = proxy.run(make_router, host, port, workers=workers, loop=event_loop)
     except OSError as exc:  # the address is taken, or not ours to listen on
         fail([f"--host/--port {host}:{port}: cannot listen: {exc.strerror or exc}"], EXIT_INVALID)
+    if status:
+        raise SystemExit(status)

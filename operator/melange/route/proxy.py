@@ -9,7 +9,11 @@ upstream, a connection error on each, or an answer 429/503) is left for the othe
 status, headers and body bytes pass through unchanged as they arrive; a client that goes away
 closes the upstream connection, which is how an engine learns to stop generating.
 
-The table is a file re-read when it changes (a ConfigMap volume), polled once a second.
+Where tables and engines come from: a table file re-read when it changes (polled once a second),
+and a `Feed`, which tells the router of new tables and of the servers of the types whose table
+names a Service (`melange.route.kube` watches a ConfigMap and EndpointSlices). This module knows
+nothing of Kubernetes: the feed calls a thread-safe `Sink`. `run` serves on uvloop when it is
+installed, in one process or in several sharing the port (SO_REUSEPORT).
 """
 
 from __future__ import annotations
@@ -18,13 +22,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import random
 import signal
+import socket
+import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -35,8 +44,11 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
+    values,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from yarl import URL
 
 from melange.plan import routing as route
 from melange.route import request as rq
@@ -50,6 +62,9 @@ BUSY_STATUSES = frozenset({429, 503})  # an engine's "not now": another type may
 DOWN_SECONDS = 2.0  # an upstream that refused a connection is skipped this long
 MAX_BODY_BYTES = 64 * 1024 * 1024  # a request body (long prompts as JSON)
 MODELS_TIMEOUT = 5.0
+# Idle upstream connections are kept this long: under uvicorn's (vLLM's) 5 s, so an engine never
+# closes a connection the moment the router reuses it.
+KEEPALIVE_SECONDS = 4.0
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), and those aiohttp sets.
 HOP_BY_HOP = frozenset(
     {
@@ -66,6 +81,7 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+
 # vLLM's bucket bounds for these histograms (vllm/engine/metrics.py), so dashboards carry over.
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -84,7 +100,10 @@ E2E_BUCKETS = (
 class Metrics:
     """The router's series, in a registry of its own (several routers may share a process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shared_dir: str | None = None) -> None:
+        """`shared_dir`: the directory of prometheus_client's multiprocess mode, when several
+        worker processes serve one port (`run`); /metrics then sums them all."""
+        self.shared_dir = shared_dir
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -113,6 +132,7 @@ class Metrics:
             "Requests sent to an upstream and not yet finished.",
             ["gpu", "upstream"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.ttft = Histogram(
             "melange_route_time_to_first_token_seconds",
@@ -153,7 +173,15 @@ class Metrics:
             "melange_route_table_loaded_timestamp_seconds",
             "When the routing table in use was read (Unix time).",
             registry=r,
+            multiprocess_mode="livemax",
         )
+
+    def page(self) -> bytes:
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
 
 
 @dataclass(eq=False)
@@ -165,9 +193,20 @@ class Upstream:
     in_flight: int = 0
     sent: int = 0  # requests ever sent: breaks ties between idle upstreams in turn
     down_until: float = 0.0
+    gauge: Any = None  # its child of melange_route_requests_in_flight
+    targets: dict[str, URL] = field(default_factory=dict)
 
     def live(self, now: float) -> bool:
         return now >= self.down_until
+
+    def target(self, path_qs: str) -> URL:
+        """The URL of `path_qs` here, parsed once (a few paths are ever asked for)."""
+        url = self.targets.get(path_qs)
+        if url is None:
+            if len(self.targets) > 32:
+                self.targets.clear()
+            url = self.targets[path_qs] = URL(self.url + path_qs)
+        return url
 
 
 @dataclass
@@ -182,6 +221,32 @@ class Settings:
 
 
 TableLoader = Callable[[], route.RouteTable]
+
+
+class Sink(Protocol):
+    """What a `Feed` tells the router; every method may be called from any thread."""
+
+    def table(self, table: route.RouteTable, source: str) -> None:
+        """A new table to route by, read from `source` (for the log)."""
+
+    def table_error(self, message: str) -> None:
+        """The table's source changed but holds no valid table: the one in use stays."""
+
+    def endpoints(self, gpu: str, upstream: route.Upstream, urls: Sequence[str]) -> None:
+        """The ready servers of `gpu`'s Service `upstream` (every one, not a change)."""
+
+
+class Feed(Protocol):
+    """A source of tables and of servers outside this module (`melange.route.kube`)."""
+
+    def start(self, sink: Sink) -> None:
+        """Begin telling `sink`; called once the router's event loop runs."""
+
+    def want(self, upstreams: Mapping[str, route.Upstream]) -> None:
+        """Discover the servers of these types (all of them: the others are no longer wanted)."""
+
+    def stop(self) -> None:
+        """Stop telling; called before the loop ends."""
 
 
 def file_loader(path: str | os.PathLike[str]) -> TableLoader:
@@ -218,42 +283,146 @@ def _error(status: int, message: str, kind: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
+class _LoopSink:
+    """A `Sink` for threads: each call runs on the router's event loop."""
+
+    def __init__(self, router: Router, loop: asyncio.AbstractEventLoop) -> None:
+        self.router, self.loop = router, loop
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to tell
+            self.loop.call_soon_threadsafe(fn, *args)
+
+    def table(self, table: route.RouteTable, source: str) -> None:
+        self._call(self.router.offer_table, table, source)
+
+    def table_error(self, message: str) -> None:
+        self._call(self.router.reject_table, message)
+
+    def endpoints(self, gpu: str, upstream: route.Upstream, urls: Sequence[str]) -> None:
+        self._call(self.router.set_endpoints, gpu, upstream, tuple(urls))
+
+
 class Router:
-    """The proxy's state: the table, the upstreams per type, the metrics; `app()` serves it."""
+    """The proxy's state: the table, the upstreams per type, the metrics; `app()` serves it.
+
+    A type's upstreams are its `--upstream` URLs when it has any, else the ready servers of the
+    Service the table names for it, as the feed reports them. `table` is None until one is read.
+    """
 
     def __init__(
         self,
-        table: route.RouteTable,
+        table: route.RouteTable | None,
         upstreams: Mapping[str, Sequence[str]],
         settings: Settings | None = None,
         watch: tuple[str | os.PathLike[str], TableLoader] | None = None,
+        feed: Feed | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.metrics = Metrics()
-        self.upstreams = {
-            gpu: [Upstream(gpu, url.rstrip("/")) for url in urls] for gpu, urls in upstreams.items()
-        }
+        self.metrics = metrics or Metrics()
+        self.static = {gpu: [url.rstrip("/") for url in urls] for gpu, urls in upstreams.items()}
         self.random = random.Random(self.settings.seed)
         self.watch = watch
+        self.feed = feed
         self.session: aiohttp.ClientSession | None = None
+        self.upstreams: dict[str, list[Upstream]] = {}  # per type, what requests go to
+        self._known: dict[tuple[str, str], Upstream] = {}  # by (type, URL): kept across updates
+        self._discovered: dict[str, tuple[route.Upstream, tuple[str, ...]]] = {}
+        self._wanted: dict[str, route.Upstream] = {}
         self._restricted: dict[frozenset[str], route.RouteTable] = {}
-        self.table = table
-        self._install(table)
+        self._children: dict[tuple[Any, ...], Any] = {}  # metric children by (metric, labels)
+        self.table: route.RouteTable | None = None
+        if table is not None:
+            self._install(table)
+        else:
+            self._rebuild()
         self._stamp = _stamp(watch[0]) if watch else None
 
-    # -- the table ------------------------------------------------------------------------------
+    # -- the table and the upstreams ------------------------------------------------------------
 
     def _install(self, table: route.RouteTable) -> None:
         """Use `table` from now on; say which of its types have no upstream, and the reverse."""
-        missing = [g for g in table.gpus if not self.upstreams.get(g)]
-        extra = [g for g in self.upstreams if g not in table.gpus]
-        if missing:
-            log.warning("no --upstream for GPU type(s) %s: their shares go to the others", missing)
-        if extra:
-            log.warning("--upstream type(s) %s are not in the routing table: unused", extra)
         self.table = table
         self._restricted = {}
+        self._wanted = {gpu: up for gpu, up in table.upstreams if gpu not in self.static}
+        missing = [g for g in table.gpus if g not in self.static and g not in self._wanted]
+        extra = [g for g in self.static if g not in table.gpus]
+        overridden = [g for g, _ in table.upstreams if g in self.static]
+        if missing:
+            log.warning(
+                "no upstream for GPU type(s) %s (neither --upstream nor a Service in the table): "
+                "their shares go to the others",
+                missing,
+            )
+        if extra:
+            log.warning("--upstream type(s) %s are not in the routing table: unused", extra)
+        if overridden:
+            log.info(
+                "--upstream given for %s: the table's Services for them are not used", overridden
+            )
+        self._rebuild()
+        if self.feed is not None and self.session is not None:  # else `_lifetime` tells it
+            self.feed.want(self._wanted)
         self.metrics.table_loaded.set(time.time())
+
+    def offer_table(self, table: route.RouteTable, source: str) -> None:
+        """A table from the feed (on the loop)."""
+        self._install(table)
+        self.metrics.reloads.labels("ok").inc()
+        log.info("routing table read from %s (GPU types %s)", source, list(table.gpus))
+
+    def reject_table(self, message: str) -> None:
+        self.metrics.reloads.labels("error").inc()
+        log.warning("routing table not reloaded, the previous one stays: %s", message)
+
+    def set_endpoints(self, gpu: str, upstream: route.Upstream, urls: Sequence[str]) -> None:
+        """The ready servers of `gpu`'s Service (on the loop); a report about a Service the
+        table no longer names is late, and ignored."""
+        if self._wanted.get(gpu) != upstream:
+            return
+        found = tuple(u.rstrip("/") for u in urls)
+        if self._discovered.get(gpu) == (upstream, found):
+            return
+        self._discovered[gpu] = (upstream, found)
+        log.info(
+            "GPU type %s: %d ready server(s) behind Service %s/%s%s",
+            gpu,
+            len(found),
+            upstream.namespace or "",
+            upstream.service,
+            f" ({', '.join(found[:8])}{', ...' if len(found) > 8 else ''})" if found else "",
+        )
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Each type's upstreams from the static URLs and the discovered ones. An upstream that
+        stays keeps its object (its requests in flight, its turn, its down time)."""
+        pools: dict[str, list[Upstream]] = {}
+        for gpu, urls in self.static.items():
+            pools[gpu] = [self._upstream(gpu, url) for url in urls]
+        for gpu, service in self._wanted.items():
+            found = self._discovered.get(gpu)
+            ready = found[1] if found is not None and found[0] == service else ()
+            pools[gpu] = [self._upstream(gpu, url) for url in ready]
+        self.upstreams = pools
+        self._with_upstreams = frozenset(gpu for gpu, ups in pools.items() if ups)
+        self._down_until = max((u.down_until for ups in pools.values() for u in ups), default=0.0)
+        self._restricted = {}
+        used = {id(u) for ups in pools.values() for u in ups}
+        for key, known in list(self._known.items()):
+            if id(known) not in used and known.in_flight == 0:
+                del self._known[key]
+                with contextlib.suppress(KeyError):
+                    self.metrics.in_flight.remove(known.gpu, known.url)
+
+    def _upstream(self, gpu: str, url: str) -> Upstream:
+        upstream = self._known.get((gpu, url))
+        if upstream is None:
+            upstream = Upstream(gpu, url)
+            upstream.gauge = self.metrics.in_flight.labels(gpu, url)
+            self._known[gpu, url] = upstream
+        return upstream
 
     def table_for(self, table: route.RouteTable, remaining: frozenset[str]) -> route.RouteTable:
         """`table` restricted to the `remaining` types (cached for the table in use: the set
@@ -281,12 +450,16 @@ class Router:
             try:
                 table = await asyncio.to_thread(load)
             except Exception as exc:  # whatever the file holds, routing goes on with the old table
-                self.metrics.reloads.labels("error").inc()
-                log.warning("routing table not reloaded, the previous one stays: %s", exc)
+                self.reject_table(str(exc))
                 continue
-            self._install(table)
-            self.metrics.reloads.labels("ok").inc()
-            log.info("routing table reloaded from %s (GPU types %s)", path, list(table.gpus))
+            self.offer_table(table, str(path))
+
+    def ready(self) -> bool:
+        """A table is loaded and at least one of its types has a live upstream."""
+        if self.table is None:
+            return False
+        now = time.monotonic()
+        return any(u.live(now) for g in self.table.gpus for u in self.upstreams.get(g, ()))
 
     # -- the server -----------------------------------------------------------------------------
 
@@ -297,12 +470,15 @@ class Router:
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/metrics", self.metrics_page)
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
         app.cleanup_ctx.append(self._lifetime)
         return app
 
     async def _lifetime(self, _: web.Application) -> AsyncIterator[None]:
         self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=10),
+            connector=aiohttp.TCPConnector(
+                limit=0, ttl_dns_cache=10, keepalive_timeout=KEEPALIVE_SECONDS
+            ),
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.settings.connect_timeout, sock_read=None
             ),
@@ -310,9 +486,14 @@ class Router:
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
         poller = asyncio.create_task(self._poll()) if self.watch else None
+        if self.feed is not None:
+            self.feed.start(_LoopSink(self, asyncio.get_running_loop()))
+            self.feed.want(self._wanted)
         try:
             yield
         finally:
+            if self.feed is not None:
+                self.feed.stop()
             if poller is not None:
                 poller.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -322,15 +503,27 @@ class Router:
     async def healthz(self, _: web.Request) -> web.Response:
         now = time.monotonic()
         live = {gpu: sum(u.live(now) for u in ups) for gpu, ups in self.upstreams.items() if ups}
-        return web.json_response({"status": "ok", "gpus": list(self.table.gpus), "live": live})
+        gpus = list(self.table.gpus) if self.table is not None else []
+        return web.json_response({"status": "ok", "gpus": gpus, "live": live})
+
+    async def readyz(self, _: web.Request) -> web.Response:
+        if self.table is None:
+            return web.json_response({"ready": False, "reason": "no routing table yet"}, status=503)
+        if not self.ready():
+            return web.json_response(
+                {"ready": False, "reason": "no GPU type of the table has a live upstream"},
+                status=503,
+            )
+        return web.json_response({"ready": True})
 
     async def metrics_page(self, _: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        body = self.metrics.page()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     def _ordered(self) -> Iterable[Upstream]:
         """Every upstream, the table's types first in its order."""
-        for gpu in (*self.table.gpus, *(g for g in self.upstreams if g not in self.table.gpus)):
+        first = self.table.gpus if self.table is not None else ()
+        for gpu in (*first, *(g for g in self.upstreams if g not in first)):
             yield from self.upstreams.get(gpu, ())
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -362,10 +555,22 @@ class Router:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, chat=True)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once (prometheus_client's lookup takes a lock)."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > 10_000:  # e.g. many model names: bounded, as the series are
+                self._children.clear()
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     # -- one request ----------------------------------------------------------------------------
 
-    def _live_types(self, now: float) -> set[str]:
-        return {g for g, ups in self.upstreams.items() if any(u.live(now) for u in ups)}
+    def _live_types(self, now: float) -> frozenset[str]:
+        if now >= self._down_until:  # no upstream is down: every type with one is live
+            return self._with_upstreams
+        return frozenset(g for g, ups in self.upstreams.items() if any(u.live(now) for u in ups))
 
     async def _proxy(self, request: web.Request, chat: bool) -> web.StreamResponse:
         arrived = time.monotonic()
@@ -378,12 +583,15 @@ class Router:
             return _error(400, "the body must be a JSON object", "BadRequestError")
         settings = self.settings
         table = self.table
+        if table is None:
+            self._child(self.metrics.responses, "none", "503").inc()
+            return _error(503, "no routing table yet", "ServiceUnavailableError")
         tokens_in = rq.input_tokens(body, chat, settings.count_text)
         tokens_out = rq.output_tokens(body, chat) if settings.trust_max_tokens else None
         input_label = rq.bucket_label(
             table.input_edges, route.bucket_index(table.input_edges, tokens_in)
         )
-        placed = _Placed(raw, body, chat, _forwarded(request.headers), arrived, input_label)
+        placed = _Placed(raw, body, chat, _forwarded(request.headers), arrived, input_label, table)
         tried: set[str] = set()
         while True:
             now = time.monotonic()
@@ -396,8 +604,8 @@ class Router:
                     self.random.random(),
                 )
             except ValueError:
-                self.metrics.requests.labels("none", input_label, "unknown").inc()
-                self.metrics.responses.labels("none", "503").inc()
+                self._child(self.metrics.requests, "none", input_label, "unknown").inc()
+                self._child(self.metrics.responses, "none", "503").inc()
                 return _error(
                     503,
                     "no GPU type can take this request now (every one tried was down or busy)",
@@ -407,7 +615,7 @@ class Router:
             outcome = await self._try_type(request, gpu, placed)
             if isinstance(outcome, web.StreamResponse):
                 return outcome
-            self.metrics.spills.labels(gpu, outcome).inc()
+            self._child(self.metrics.spills, gpu, outcome).inc()
 
     async def _try_type(
         self,
@@ -428,15 +636,16 @@ class Router:
         for upstream in candidates:
             upstream.sent += 1
             upstream.in_flight += 1
-            gauge = self.metrics.in_flight.labels(gpu, upstream.url)
+            gauge = upstream.gauge
             gauge.inc()
             try:
                 try:
                     answer = await self.session.post(
-                        upstream.url + request.path_qs, data=placed.raw, headers=placed.headers
+                        upstream.target(request.path_qs), data=placed.raw, headers=placed.headers
                     )
                 except (aiohttp.ClientConnectorError, TimeoutError) as exc:
                     upstream.down_until = time.monotonic() + DOWN_SECONDS
+                    self._down_until = max(self._down_until, upstream.down_until)
                     log.warning(
                         "%s (%s): %s; skipped for %gs", upstream.url, gpu, exc, DOWN_SECONDS
                     )
@@ -489,22 +698,23 @@ class Router:
             if streamed
             else _completion_tokens(non_stream)
         )
-        table = self.table
+        table = self.table or placed.table
         output_label = (
             rq.bucket_label(table.output_edges, route.bucket_index(table.output_edges, generated))
             if generated
             else "unknown"
         )
-        m.requests.labels(gpu, placed.input_label, output_label).inc()
-        m.responses.labels(gpu, str(answer.status)).inc()
-        m.e2e.labels(gpu).observe(ended - placed.arrived)
+        child = self._child
+        child(m.requests, gpu, placed.input_label, output_label).inc()
+        child(m.responses, gpu, str(answer.status)).inc()
+        child(m.e2e, gpu).observe(ended - placed.arrived)
         if 200 <= answer.status < 300:
             model = body.get("model")
-            m.success.labels(model if isinstance(model, str) else "").inc()
+            child(m.success, model if isinstance(model, str) else "").inc()
             if streamed and first:
-                m.ttft.labels(gpu).observe(first - placed.arrived)
+                child(m.ttft, gpu).observe(first - placed.arrived)
                 if generated > 1:
-                    m.tpot.labels(gpu).observe((last - first) / (generated - 1))
+                    child(m.tpot, gpu).observe((last - first) / (generated - 1))
         return out
 
 
@@ -518,6 +728,7 @@ class _Placed:
     headers: dict[str, str]
     arrived: float
     input_label: str
+    table: route.RouteTable
 
 
 def _nowhere(table: route.RouteTable) -> route.RouteTable:
@@ -549,7 +760,24 @@ def _completion_tokens(body: bytearray | None) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-async def serve(router: Router, host: str, port: int) -> None:
+EventLoop = Literal["auto", "asyncio", "uvloop"]
+
+
+def _runner(loop: EventLoop) -> asyncio.Runner:
+    """An asyncio runner on uvloop (libuv's event loop: less time per request) when it is
+    installed or asked for, else on asyncio's own."""
+    if loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+        else:
+            return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    return asyncio.Runner()
+
+
+async def serve(router: Router, host: str, port: int, reuse_port: bool = False) -> None:
     """Serve until SIGTERM or cancelled; a client that disconnects cancels its handler (and so
     closes its upstream request at once, not at the next chunk)."""
     runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None)
@@ -559,9 +787,82 @@ async def serve(router: Router, host: str, port: int) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
         loop.add_signal_handler(signal.SIGTERM, stop.set)
     try:
-        site = web.TCPSite(runner, host, port, backlog=1024)
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
-        log.info("routing on http://%s:%d", host, port)
+        log.info("routing on http://%s:%d (process %d)", host, port, os.getpid())
         await stop.wait()
     finally:
         await runner.cleanup()
+
+
+RouterFactory = Callable[[Metrics], Router]
+
+
+def run(
+    make_router: RouterFactory,
+    host: str,
+    port: int,
+    workers: int = 1,
+    loop: EventLoop = "auto",
+) -> int:
+    """Serve with one router made by `make_router`, in this process; or with `workers` processes
+    sharing the port (SO_REUSEPORT: the kernel spreads the connections), each its own router
+    (its own table, upstream connections and in-flight counts) and their metrics summed on
+    every one's /metrics (prometheus_client's multiprocess mode). Raises OSError when the
+    address cannot be listened on; returns the exit status."""
+    if workers <= 1:
+        with _runner(loop) as runner:
+            runner.run(serve(make_router(Metrics()), host, port))
+        return 0
+    with socket.create_server((host, port), reuse_port=True):  # taken, or not ours: OSError here
+        pass
+    shared = tempfile.mkdtemp(prefix="melange-route-metrics-")
+    context = multiprocessing.get_context("fork")  # the children inherit `make_router` as it is
+    children = [
+        context.Process(
+            target=_worker, args=(make_router, host, port, loop, shared), name=f"route-{k}"
+        )
+        for k in range(workers)
+    ]
+
+    def forward(signum: int, _: Any) -> None:
+        for child in children:
+            if child.pid is not None and child.exitcode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        for child in children:
+            child.start()
+        # one worker that ends ends them all: a pod that no longer serves should restart
+        multiprocessing.connection.wait([c.sentinel for c in children])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        forward(signal.SIGTERM, None)
+        for child in children:
+            child.join(timeout=30)
+            if child.exitcode is None:
+                child.kill()
+                child.join()
+        signal.signal(signal.SIGTERM, previous)
+        for name in os.listdir(shared):
+            os.unlink(os.path.join(shared, name))
+        os.rmdir(shared)
+    return 0 if all(c.exitcode in (0, -signal.SIGTERM) for c in children) else 1
+
+
+def _worker(make_router: RouterFactory, host: str, port: int, loop: EventLoop, shared: str) -> None:
+    """One of `run`'s worker processes."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers (SIGTERM)
+    try:
+        with _runner(loop) as runner:
+            runner.run(serve(make_router(Metrics(shared)), host, port, reuse_port=True))
+    except Exception:
+        log.exception("worker %d stopped", os.getpid())
+        sys.exit(1)
+    finally:
+        multiprocess.mark_process_dead(os.getpid(), shared)  # type: ignore[no-untyped-call]
