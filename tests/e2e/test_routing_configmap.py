@@ -1,7 +1,7 @@
 """The operator publishes each plan's routing table: in the status (`inputRouting`) and, with
 `spec.routing.publishConfigMap`, in the ConfigMap `<allocation>-routing` that a router watches;
 against the real API server (no garbage collector runs there, so the ownerReference is checked as
-written, not by deleting the allocation)."""
+written, not by deleting the allocation), and a real `melange route` following it."""
 
 from __future__ import annotations
 
@@ -17,10 +17,14 @@ from kubernetes import client
 from melange import api
 from melange.plan import routing, solver
 from melange.plan.problem import Problem
+from tests.controlplane.harness import ControlPlane
 
 from .kube import Kube, eventually, reasons
-from .operator_process import OperatorProcess
+from .operator_process import OperatorProcess, terminate
+from .prometheus import _get
 from .test_operator import SPEC, make_pools, manifest, wait_ready
+from .test_route import launch_router, send
+from .test_route_kube import own_address, service_body, slice_body, start_sim
 
 pytestmark = pytest.mark.e2e
 SCHEMA = Path(routing.__file__).with_name("routing-schema.json")
@@ -163,3 +167,66 @@ def test_a_configmap_the_allocation_does_not_own_is_left_alone(
 
 def _no_condition(kube: Kube, namespace: str) -> None:
     assert kube.condition(NAME, namespace, "RoutingPublished") is None
+
+
+def test_a_router_follows_the_plan_the_operator_publishes(
+    control_plane: ControlPlane,
+    kube: Kube,
+    namespace: str,
+    operator: OperatorProcess,
+    tmp_path: Path,
+) -> None:
+    """The whole path: a new plan (the rate moved) reaches a running `melange route` through the
+    ConfigMap, without a restart. At 6 req/s the plan is one A100, which gets the short prompts;
+    at 34 req/s two L4s join and the short prompts go to them. The engines are gpusim servers
+    behind Services whose EndpointSlices the test writes (no EndpointSlice controller runs on
+    the test control plane)."""
+    short_prompts = [0] * 20  # 10-word prompts: the input bucket [1, 100)
+    low, high = expected_table(published_spec(6)), expected_table(published_spec(34))
+    assert low.by_input[0][low.gpus.index("A100")] == 1.0, "the test needs A100 alone at 6"
+    assert high.by_input[0][high.gpus.index("L4")] == 1.0, "and L4 alone at 34"
+
+    host = own_address()
+    core = client.CoreV1Api(kube.api_client)
+    discovery = client.DiscoveryV1Api(kube.api_client)
+    sims = {gpu: start_sim(tmp_path, host) for gpu in ("L4", "A100")}
+    router = None
+    try:
+        for gpu, service in (("L4", "llama-l4"), ("A100", "llama-a100")):
+            core.create_namespaced_service(
+                namespace,
+                service_body(service, {"name": "http", "port": 8000, "targetPort": "http"}),
+            )
+            discovery.create_namespaced_endpoint_slice(
+                namespace, slice_body(f"{service}-0", service, sims[gpu], "http")
+            )
+        make_pools(kube, namespace)
+        kube.create(manifest(NAME, published_spec(6)), namespace)
+        wait_ready(kube, NAME, namespace)
+        kube.wait_condition(NAME, namespace, "RoutingPublished", "True", "Published")
+        router = launch_router(
+            tmp_path, f"--table-configmap={namespace}/{CONFIG_MAP}", env=control_plane.env()
+        )
+        eventually(lambda: _status(f"{router.url}/readyz", 200), timeout=20)
+        assert set(send(router.url, short_prompts)) == {200}
+        assert (len(sims["A100"].requests()), len(sims["L4"].requests())) == (20, 0)
+
+        kube.merge_patch(
+            ("melange.dev/v1alpha1", "MelangeAllocation"),
+            NAME,
+            namespace,
+            {"spec": {"workload": {"totalRate": 34}}},
+        )
+        router.wait_for(r'melange_route_table_reloads_total\{result="ok"\}', 2)
+        assert set(send(router.url, short_prompts)) == {200}
+        assert (len(sims["A100"].requests()), len(sims["L4"].requests())) == (20, 20)
+    finally:
+        if router is not None:
+            terminate(router.process)
+            print(f"--- route log (tail) ---\n{router.log_path.read_text()[-4000:]}")
+        for sim in sims.values():
+            terminate(sim.process)
+
+
+def _status(url: str, expected: int) -> None:
+    assert _get(url)[0] == expected
