@@ -52,6 +52,22 @@ def dry_run(kube: Kube, manifest: Manifest) -> dict[str, Any]:
     return dict(applied.to_dict())
 
 
+def dry_run_each(kube: Kube, manifests: list[Manifest]) -> dict[str, dict[str, Any]]:
+    """Each manifest as the API server would store it, by `Kind/name`; fails naming every one
+    it refused. What it would store carries the rendered labels (defaults added, none dropped)."""
+    accepted, refused = {}, {}
+    for manifest in manifests:
+        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
+        try:
+            accepted[name] = dry_run(kube, manifest)
+        except DynamicApiError as exc:
+            refused[name] = str(exc)
+            continue
+        assert accepted[name]["metadata"]["labels"] == manifest["metadata"]["labels"], name
+    assert not refused, refused
+    return accepted
+
+
 def test_every_object_with_every_extension_value_is_accepted(cluster: Kube) -> None:
     manifests = render(yaml.safe_load(EXTENSIONS.read_text()))
     assert set(kinds(manifests)) >= {
@@ -63,22 +79,13 @@ def test_every_object_with_every_extension_value_is_accepted(cluster: Kube) -> N
         "PrometheusRule",
         "ServiceMonitor",
     }
-    refused = {}
+    accepted = dry_run_each(cluster, manifests)
     for manifest in manifests:
-        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
-        try:
-            accepted = dry_run(cluster, manifest)
-        except DynamicApiError as exc:
-            refused[name] = str(exc)
-            continue
-        # What the server would store is what was rendered (defaults added, nothing dropped).
-        assert accepted["metadata"]["labels"] == manifest["metadata"]["labels"], name
         if manifest["kind"] == "Deployment":
-            pod = accepted["spec"]["template"]["spec"]
+            pod = accepted[f"Deployment/{manifest['metadata']['name']}"]["spec"]["template"]["spec"]
             rendered = manifest["spec"]["template"]["spec"]
             assert pod["topologySpreadConstraints"] == rendered["topologySpreadConstraints"]
             assert pod["volumes"][1]["configMap"]["name"] == "prometheus-ca"
-    assert not refused, refused
     # A dry run stores nothing.
     dynamic: Any = cluster.dynamic
     policies = dynamic.get(
@@ -129,21 +136,12 @@ def test_every_router_object_with_every_router_value_is_accepted(cluster: Kube) 
         "ServiceAccount",
         "ServiceMonitor",
     ]
-    refused = {}
-    for manifest in routed:
-        name = f"{manifest['kind']}/{manifest['metadata']['name']}"
-        try:
-            accepted = dry_run(cluster, manifest)
-        except DynamicApiError as exc:
-            refused[name] = str(exc)
-            continue
-        assert accepted["metadata"]["labels"] == manifest["metadata"]["labels"], name
-        if manifest["kind"] == "HorizontalPodAutoscaler":
+    for name, accepted in dry_run_each(cluster, routed).items():
+        if name.startswith("HorizontalPodAutoscaler/"):
             assert accepted["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 600
             assert len(accepted["spec"]["metrics"]) == 2
-        if manifest["kind"] == "Role":
+        if name.startswith("Role/"):
             assert accepted["metadata"]["namespace"] == allocation_namespace
-    assert not refused, refused
 
     # Without autoscaling too (spec.replicas set, no HPA), with the default values.
     plain = render({"router": {"enabled": True, "allocation": {"name": "mixed"}}})

@@ -9,7 +9,6 @@ import http.server
 import json
 import re
 import shutil
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -29,6 +28,7 @@ from melange.plan import solver
 from tests.controlplane.harness import ControlPlane
 from tests.e2e.kube import CRD_FILE, Kinds, Kube, eventually
 from tests.e2e.test_operator import SPEC as E2E_SPEC
+from tests.e2e.test_route_kube import own_address
 
 from .expected import DEFAULT_RULES, leader_args, lease_rules, router_args, router_rules
 from .helm import CHART, HelmError
@@ -726,14 +726,7 @@ class ModelServer:
     refuses loopback addresses in an EndpointSlice."""
 
     def __init__(self) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.connect(("192.0.2.1", 9))  # no packet is sent
-            except OSError:
-                pytest.skip("no non-loopback IPv4 address to put in an EndpointSlice")
-            self.host = str(probe.getsockname()[0])
-        if self.host.startswith("127."):
-            pytest.skip("no non-loopback IPv4 address to put in an EndpointSlice")
+        self.host = own_address()
         self.paths: list[str] = []
         paths = self.paths
 

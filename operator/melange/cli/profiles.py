@@ -51,6 +51,29 @@ _DIR = click.option(
 
 
 _TABLE_FORMAT = table_format()
+_MODEL = click.option(
+    "--model",
+    type=click.Choice(sorted(perfmodel.MODELS)),
+    default=perfmodel.SHIPPED_MODEL,
+    show_default=True,
+    help="Model architecture.",
+)
+_TPOT_MS = click.option(
+    "--tpot-ms",
+    type=click.FloatRange(min=0, min_open=True, max=10000),
+    required=True,
+    help="SLO on the time per output token, in milliseconds.",
+)
+_INPUT_EDGES = click.option(
+    "--input-edges",
+    help="Input-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_INPUT_EDGES))}].",
+)
+_OUTPUT_EDGES = click.option(
+    "--output-edges",
+    help="Output-length bucket edges in tokens, comma-separated "
+    f"[default: {','.join(map(str, perfmodel.DEFAULT_OUTPUT_EDGES))}].",
+)
 
 
 @profiles_group.command("list")
@@ -135,29 +158,10 @@ def profiles_show(
 @click.option(
     "--gpu", type=click.Choice(sorted(perfmodel.DATASHEETS)), required=True, help="GPU type."
 )
-@click.option(
-    "--model",
-    type=click.Choice(sorted(perfmodel.MODELS)),
-    default=perfmodel.SHIPPED_MODEL,
-    show_default=True,
-    help="Model architecture.",
-)
-@click.option(
-    "--tpot-ms",
-    type=click.FloatRange(min=0, min_open=True, max=10000),
-    required=True,
-    help="SLO on the time per output token, in milliseconds.",
-)
-@click.option(
-    "--input-edges",
-    help="Input-length bucket edges in tokens, comma-separated "
-    f"[default: {','.join(map(str, perfmodel.DEFAULT_INPUT_EDGES))}].",
-)
-@click.option(
-    "--output-edges",
-    help="Output-length bucket edges in tokens, comma-separated "
-    f"[default: {','.join(map(str, perfmodel.DEFAULT_OUTPUT_EDGES))}].",
-)
+@_MODEL
+@_TPOT_MS
+@_INPUT_EDGES
+@_OUTPUT_EDGES
 @click.option(
     "--gpus",
     type=click.IntRange(min=1, max=64),
@@ -277,19 +281,8 @@ def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None)
 
 
 @profiles_group.command("cheapest")
-@click.option(
-    "--model",
-    type=click.Choice(sorted(perfmodel.MODELS)),
-    default=perfmodel.SHIPPED_MODEL,
-    show_default=True,
-    help="Model architecture.",
-)
-@click.option(
-    "--tpot-ms",
-    type=click.FloatRange(min=0, min_open=True, max=10000),
-    required=True,
-    help="SLO on the time per output token, in milliseconds.",
-)
+@_MODEL
+@_TPOT_MS
 @click.option(
     "--gpu",
     "gpu_types",
@@ -304,16 +297,8 @@ def profiles_compare(names: tuple[str, ...], output: str, user_dir: Path | None)
     show_default=True,
     help="Engine overheads: today's engines', or the 2023-24 vLLM's (the Mélange paper's).",
 )
-@click.option(
-    "--input-edges",
-    help="Input-length bucket edges in tokens, comma-separated "
-    f"[default: {','.join(map(str, perfmodel.DEFAULT_INPUT_EDGES))}].",
-)
-@click.option(
-    "--output-edges",
-    help="Output-length bucket edges in tokens, comma-separated "
-    f"[default: {','.join(map(str, perfmodel.DEFAULT_OUTPUT_EDGES))}].",
-)
+@_INPUT_EDGES
+@_OUTPUT_EDGES
 @click.option(
     "--size-point",
     type=click.Choice(["mean", "geometric", "arithmetic", "upper"]),

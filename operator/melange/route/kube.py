@@ -14,6 +14,7 @@ logged and retried with a growing delay.
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -68,7 +69,7 @@ def parse_configmap(value: str, default_namespace: str) -> tuple[str, str]:
     return namespace or default_namespace, name
 
 
-class _Watch(threading.Thread):
+class _Watch(threading.Thread, abc.ABC):
     """List, then watch, then list again; `listed` gets every object, `changed` each event."""
 
     def __init__(self, what: str, lister: Callable[..., Any], **selector: str) -> None:
@@ -85,11 +86,13 @@ class _Watch(threading.Thread):
         if self._watch is not None:
             self._watch.stop()  # type: ignore[no-untyped-call]  # at its next event, or its timeout
 
+    @abc.abstractmethod
     def listed(self, items: list[Any]) -> None:
-        raise NotImplementedError
+        """Every object, as a fresh list shows them."""
 
+    @abc.abstractmethod
     def changed(self, kind: str, obj: Any) -> None:
-        raise NotImplementedError
+        """One watch event (ADDED, MODIFIED, DELETED) and its object."""
 
     def run(self) -> None:
         failures = 0
