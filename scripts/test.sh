@@ -30,7 +30,10 @@ if [ "$#" -gt 0 ]; then
   exec .venv/bin/pytest "$@"
 fi
 # Everything but the chaos scenarios, then the chaos scenarios (faults injected into the real
-# parts; minutes of outages and load) as a step of their own.
-# The slowest tests are listed at the end of each step, to keep the suite's time in view.
-.venv/bin/pytest -m "not chaos" --durations=20
-.venv/bin/pytest -m chaos --durations=10
+# parts; minutes of outages and load) as a step of their own. Two workers (pytest-xdist), each
+# with its own control plane: the end-to-end tests mostly wait on intervals, so two of them share
+# the 2 cores well. A module's tests stay on one worker in the first step (module fixtures); the
+# chaos scenarios are spread one by one. The slowest tests are listed at the end of each step, to
+# keep the suite's time in view.
+.venv/bin/pytest -m "not chaos" -n 2 --dist loadfile --durations=20
+.venv/bin/pytest -m chaos -n 2 --dist load --durations=10
