@@ -179,7 +179,7 @@ CALIBRATION = Calibration(
     per_sequence_overhead_seconds=1.98e-05,
     per_request_overhead_seconds=0.000499,
     tensor_parallel_step_seconds=0.00194,
-    early_step_overhead_seconds=0.00519,
+    early_step_overhead_seconds=0.0052,
     early_per_sequence_overhead_seconds=0.000147,
     early_per_request_overhead_seconds=0.000519,
 )

@@ -1,13 +1,13 @@
 """Fits the performance model's free parameters to published measurements, and prints the residuals.
 
 `python -m melange.tools.profiles.calibrate` loads `calibration.yaml` (every data point with its
-source), fits `perfmodel.Calibration` by least squares on `log(model / published)` (Levenberg-
-Marquardt on the logarithms of the parameters, a numerical Jacobian, numpy's `lstsq` for each
-step), and prints one line per point: what was published, what the fitted model says, and the
+source), fits `perfmodel.Calibration` by least squares on `log(model / published)` (SciPy's
+bounded trust-region `least_squares` on the logarithms of the parameters, from a few fixed
+starts; SciPy is the `calibrate` extra), and prints one line per point: what was published, what the fitted model says, and the
 relative difference. `perfmodel.CALIBRATION` holds the fitted values, rounded; a unit test checks
 they equal a fresh fit and that every point is within the file's `tolerance`.
 
-The fit is deterministic (a fixed start, a fixed number of iterations at most) and pure: no I/O
+The fit is deterministic (fixed starts, a numerical Jacobian of fixed step) and pure: no I/O
 besides reading the package's own data file.
 """
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass, fields
 from importlib.resources import files
 from typing import Any, get_args
@@ -360,40 +360,6 @@ def residuals(calibration: Calibration, data: Data) -> Floats:
     return np.array(out)
 
 
-def _levenberg_marquardt(
-    function: Callable[[Floats], Floats], start: Floats, iterations: int = 200
-) -> Floats:
-    x, damping = start.copy(), 1e-2
-    r = function(x)
-    cost = float(r @ r)
-    for _ in range(iterations):
-        step = 1e-6
-        jacobian = np.column_stack([(function(x + step * e) - r) / step for e in np.eye(len(x))])
-        a = jacobian.T @ jacobian
-        a_damped = a + damping * np.diag(np.diag(a) + 1e-12)
-        delta, *_ = np.linalg.lstsq(a_damped, -jacobian.T @ r, rcond=None)
-        trial = x + delta
-        r_trial = function(trial)
-        cost_trial = float(r_trial @ r_trial)
-        if cost_trial < cost:
-            x, r, cost = trial, r_trial, cost_trial
-            damping = max(damping / 3, 1e-9)
-            if float(np.max(np.abs(delta))) < 1e-9:
-                break
-        else:
-            damping *= 4
-            if damping > 1e9:
-                break
-    return x
-
-
-def _clip_logs(logs: Floats) -> Floats:
-    bounds = [BOUNDS[name] for name in _names()]
-    return np.array(
-        [min(max(v, math.log(lo)), math.log(hi)) for v, (lo, hi) in zip(logs, bounds, strict=True)]
-    )
-
-
 def starts(start: Calibration = START) -> list[Calibration]:
     """Where the fit starts from: `start`, and `start` with its efficiencies and its overheads
     scaled (the residuals have kinks where a bound changes, so one start can stall)."""
@@ -411,11 +377,16 @@ def starts(start: Calibration = START) -> list[Calibration]:
 
 def fit(data: Data | None = None, start: Calibration = START, *, prior: bool = True) -> Calibration:
     """The least-squares fit of the model's parameters to `data` (default: calibration.yaml):
-    the best of a Levenberg-Marquardt run from each of `starts(start)`; with `prior`, the weak
-    pull towards `start` of `PRIOR_SPREAD` is part of what is minimised."""
+    the best of a bounded trust-region run (SciPy's `least_squares`, on the logarithms of the
+    parameters, within `BOUNDS`) from each of `starts(start)`; with `prior`, the weak pull towards
+    `start` of `PRIOR_SPREAD` is part of what is minimised."""
+    from scipy.optimize import least_squares  # the `calibrate` extra: only the fit needs it
+
     data = load() if data is None else data
     centre = np.log(np.array(astuple(start), dtype=float))
     spread = np.array([PRIOR_SPREAD[name] for name in _names()])
+    low = np.log(np.array([BOUNDS[name][0] for name in _names()]))
+    high = np.log(np.array([BOUNDS[name][1] for name in _names()]))
 
     def objective(logs: Floats) -> Floats:
         pull = (logs - centre) / spread if prior else np.zeros(0)
@@ -423,11 +394,12 @@ def fit(data: Data | None = None, start: Calibration = START, *, prior: bool = T
 
     best, best_cost = start, math.inf
     for initial in starts(start):
-        logs = np.log(np.array(astuple(initial), dtype=float))
-        found = _from_logs(_clip_logs(_levenberg_marquardt(objective, logs)))
-        r = objective(np.log(np.array(astuple(found), dtype=float)))
-        if float(r @ r) < best_cost:
-            best, best_cost = found, float(r @ r)
+        logs = np.clip(np.log(np.array(astuple(initial), dtype=float)), low, high)
+        found = least_squares(
+            objective, logs, bounds=(low, high), method="trf", diff_step=1e-6, x_scale="jac"
+        )
+        if float(found.cost) < best_cost:
+            best, best_cost = _from_logs(found.x), float(found.cost)
     return best
 
 
