@@ -142,7 +142,25 @@ def pod_args(deployment: Mapping[str, Any], env: Mapping[str, str]) -> list[str]
     ]
 
 
-class OperatorRun:
+class _LoggedProcess:
+    """A process started by a test, its output in `log_path`."""
+
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def stop(self) -> None:
+        terminate(self.process)
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class OperatorRun(_LoggedProcess):
     """The chart's `melange run ...` as one pod of its Deployment runs it, but out of cluster: the
     Deployment's arguments, POD_NAME and POD_NAMESPACE as the downward API sets them, plus
     `--kubeconfig` and loopback ports for the probe and the metrics."""
@@ -184,18 +202,8 @@ class OperatorRun:
 
         wait_healthy(self.process, f"http://127.0.0.1:{health}/healthz", self.log)
 
-    def stop(self) -> None:
-        terminate(self.process)
-        self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-class RouterRun:
+class RouterRun(_LoggedProcess):
     """The chart's `melange route ...` as one pod of the router's Deployment runs it, but out of
     cluster: the Deployment's command and arguments, with a loopback address and a free port
     instead of 0.0.0.0:8080, and KUBECONFIG holding the router ServiceAccount's token."""
@@ -231,13 +239,3 @@ class RouterRun:
             env={**env, "KUBECONFIG": str(self.kubeconfig)},
         )
         wait_healthy(self.process, f"{self.url}/healthz", self.log)
-
-    def stop(self) -> None:
-        terminate(self.process)
-        self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
