@@ -430,7 +430,6 @@ class Controller:
         written = work.status.get("routingConfigMap")
         if not wanted:
             work.dropped.append(conditions.ROUTING_PUBLISHED)
-            state.published = None
             if isinstance(written, str) and not spec.dry_run:
                 try:
                     await asyncio.to_thread(
@@ -458,10 +457,8 @@ class Controller:
                 )
             )
             return
+        # Read and compared every reconcile (one GET): an outside edit is set back, as a pool's is.
         text = routing.document(state.table, namespace)
-        if state.published == (config_map, text):
-            work.updates.append(routing.published(config_map))
-            return
         owner = {"name": name, "uid": body.get("uid")}
         try:
             changed = await asyncio.to_thread(
@@ -470,10 +467,14 @@ class Controller:
         except PublishError as exc:
             log.warning("[%s/%s] Routing table not published: %s", *key, exc.message)
             work.updates.append(routing.unpublished(exc.reason, exc.message))
-            if exc.reason == "ConfigMapConflict":
+            before = conditions.find(
+                state.status.get("conditions") or [], conditions.ROUTING_PUBLISHED
+            )
+            if exc.reason == "ConfigMapConflict" and (
+                before is None or before.get("reason") != exc.reason
+            ):  # once, when it starts: not at every reconcile
                 work.events.append(EventSpec("Warning", "ConfigMapConflict", exc.message))
             return
-        state.published = (config_map, text)
         work.status["routingConfigMap"] = config_map
         work.updates.append(routing.published(config_map))
         if changed:

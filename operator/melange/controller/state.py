@@ -142,7 +142,6 @@ class AllocationState:
     choice: Choice | None = None  # the last choice: why the plan acted on is what it is
     prices_condition: Condition | None = None  # the current PricesObserved
     table: RouteTable | None = None  # the routing table of the plan in `solved`
-    published: tuple[str, str] | None = None  # (ConfigMap, its table.json) as last written
     task: asyncio.Task[None] | None = None
 
 
