@@ -27,7 +27,7 @@ def spec_with_upstreams() -> api.AllocationSpec:
 def solved(spec: api.AllocationSpec) -> routing.RouteTable:
     plan = solver.solve(Problem.from_spec(spec))
     assert plan.solved
-    return publish.table_for(spec, None, plan)
+    return publish.table_for(spec, None, plan, "serving")
 
 
 def test_the_table_names_the_upstreams_the_spec_gives() -> None:
@@ -35,8 +35,8 @@ def test_the_table_names_the_upstreams_the_spec_gives() -> None:
     table = solved(spec)
     first, second = spec.gpus[0].name, spec.gpus[1].name
     assert dict(table.upstreams) == {
-        first: routing.Upstream(service="llama-first", port=8000),
-        second: routing.Upstream(service="llama-second", port="http"),
+        first: routing.Upstream(service="llama-first", port=8000, namespace="serving"),
+        second: routing.Upstream(service="llama-second", port="http", namespace="serving"),
     }
 
 
@@ -57,10 +57,10 @@ def test_the_status_lists_each_input_bucket_with_the_types_it_goes_to() -> None:
     assert publish.input_routing_status(None) == {"inputRouting": None, "inputRoutingError": None}
 
 
-def test_the_document_is_stable_and_places_the_upstreams_in_the_namespace() -> None:
+def test_the_document_is_stable_and_names_the_upstreams_namespace() -> None:
     table = solved(spec_with_upstreams())
-    text = publish.document(table, "serving")
-    assert text == publish.document(solved(spec_with_upstreams()), "serving")
+    text = publish.document(table)
+    assert text == publish.document(solved(spec_with_upstreams()))
     data = json.loads(text)
     assert {gpu: up["namespace"] for gpu, up in data["upstreams"].items()} == {
         gpu: "serving" for gpu, _ in table.upstreams

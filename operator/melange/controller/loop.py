@@ -448,7 +448,7 @@ class Controller:
                 routing.unpublished("DryRun", "dryRun is set, so no ConfigMap is written")
             )
             return
-        if state.table is None:
+        if state.routing_document is None:
             work.updates.append(
                 routing.unpublished(
                     "NoTable",
@@ -458,11 +458,15 @@ class Controller:
             )
             return
         # Read and compared every reconcile (one GET): an outside edit is set back, as a pool's is.
-        text = routing.document(state.table, namespace)
         owner = {"name": name, "uid": body.get("uid")}
         try:
             changed = await asyncio.to_thread(
-                self.kube.publish_routing, namespace, config_map, owner, routing.TABLE_KEY, text
+                self.kube.publish_routing,
+                namespace,
+                config_map,
+                owner,
+                routing.TABLE_KEY,
+                state.routing_document,
             )
         except PublishError as exc:
             log.warning("[%s/%s] Routing table not published: %s", *key, exc.message)
@@ -519,12 +523,14 @@ class Controller:
             return state.solved[1]
         choice = await asyncio.to_thread(choose.choose_plan, spec, rate, caps, current, budgets)
         plan = choice.plan
-        state.table = None
+        table, state.routing_document = None, None
         if plan.solved:
             try:
-                state.table = await asyncio.to_thread(routing.table_for, spec, rate, plan)
+                table = await asyncio.to_thread(routing.table_for, spec, rate, plan, key[0])
             except ValueError as exc:  # the pools still follow the plan; the router keeps its table
                 log.warning("[%s/%s] No routing table for the plan: %s", *key, exc)
+            else:
+                state.routing_document = routing.document(table)  # once per plan
         state.solved = (inputs, plan)
         state.choice = choice
         metrics.record_plan(*key, plan, SOLVE_TRIGGERS[reason])
@@ -535,7 +541,7 @@ class Controller:
             work.status["solvedDistribution"] = fitted  # None deletes: the spec's own matrix
         if plan.solved:
             work.status.update(decide.plan_status(plan, now))
-            work.status.update(routing.input_routing_status(state.table))
+            work.status.update(routing.input_routing_status(table))
         else:
             work.status["planStatus"] = plan.status
         return plan

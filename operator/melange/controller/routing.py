@@ -25,11 +25,16 @@ MAX_NAME = 253  # a ConfigMap's name is a DNS subdomain
 ALLOCATION_LABEL = "melange.dev/allocation"
 
 
-def table_for(spec: AllocationSpec, rate: float | None, plan: Plan) -> routing.RouteTable:
-    """The routing table of `plan`, solved for `spec` at `rate`, naming each type's upstream."""
+def table_for(
+    spec: AllocationSpec, rate: float | None, plan: Plan, namespace: str
+) -> routing.RouteTable:
+    """The routing table of `plan`, solved for `spec` at `rate`, naming each type's upstream
+    Service in the allocation's `namespace`."""
     table = routing.derive(Problem.from_spec(spec, rate=rate), plan)
     upstreams = {
-        gpu.name: routing.Upstream(service=gpu.upstream.service, port=gpu.upstream.port)
+        gpu.name: routing.Upstream(
+            service=gpu.upstream.service, port=gpu.upstream.port, namespace=namespace
+        )
         for gpu in spec.gpus
         if gpu.upstream is not None
     }
@@ -64,18 +69,10 @@ def config_map_name(allocation: str) -> str | None:
     return name if len(name) <= MAX_NAME else None
 
 
-def document(table: routing.RouteTable, namespace: str) -> str:
-    """The table's JSON as the ConfigMap holds it: upstreams in the allocation's namespace, keys
-    in a stable order (an unchanged plan writes the same bytes, so nothing is rewritten)."""
-    named = {gpu: up for gpu, up in table.upstreams}
-    placed = routing.with_upstreams(
-        table,
-        {
-            gpu: routing.Upstream(service=up.service, port=up.port, namespace=namespace)
-            for gpu, up in named.items()
-        },
-    )
-    return json.dumps(routing.to_dict(placed), sort_keys=True, separators=(",", ":"))
+def document(table: routing.RouteTable) -> str:
+    """The table's JSON as the ConfigMap holds it, keys in a stable order (an unchanged plan
+    writes the same bytes, so nothing is rewritten)."""
+    return json.dumps(routing.to_dict(table), sort_keys=True, separators=(",", ":"))
 
 
 def published(name: str) -> Condition:

@@ -16,7 +16,6 @@ from melange import api
 from melange.api import conditions
 from melange.api.conditions import Condition
 from melange.plan.result import Plan
-from melange.plan.routing import RouteTable
 from melange.signals import rates
 
 if TYPE_CHECKING:  # choose imports the solver; the state only names its result
@@ -141,7 +140,7 @@ class AllocationState:
     solved: tuple[tuple[Any, ...], Plan] | None = None
     choice: Choice | None = None  # the last choice: why the plan acted on is what it is
     prices_condition: Condition | None = None  # the current PricesObserved
-    table: RouteTable | None = None  # the routing table of the plan in `solved`
+    routing_document: str | None = None  # the routing table of the plan in `solved`, as JSON
     task: asyncio.Task[None] | None = None
 
 

@@ -313,6 +313,12 @@ def _owner_reference(owner: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _owned_by(obj: Any, uid: str) -> bool:
+    """Whether `obj` names the object `uid` among its owners."""
+    references = (obj.metadata.owner_references if obj.metadata else None) or []
+    return any(r.uid == uid for r in references)
+
+
 def _publish_error(where: str, exc: ApiException) -> PublishError:
     if exc.status == 403:
         return PublishError(
@@ -538,12 +544,7 @@ class KubeClient:
         apiVersion, kind, name, uid), or update one it already owns; True when something was
         written. One it does not own is left as it is (PublishError `ConfigMapConflict`)."""
         where = f"ConfigMap {namespace}/{name}"
-        try:
-            current = self._core.read_namespaced_config_map(name, namespace)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _publish_error(where, exc) from None
-            current = None
+        current = self._routing_config_map(namespace, name, where)
         if current is None:
             body = k8s.V1ConfigMap(
                 metadata=k8s.V1ObjectMeta(
@@ -565,8 +566,7 @@ class KubeClient:
             except ApiException as exc:
                 raise _publish_error(where, exc) from None
             return True
-        references = (current.metadata.owner_references if current.metadata else None) or []
-        if not any(r.uid == owner["uid"] for r in references):
+        if not _owned_by(current, owner["uid"]):
             raise PublishError(
                 "ConfigMapConflict",
                 f"{where} exists and is not owned by this allocation, so it was left as it is; "
@@ -584,17 +584,20 @@ class KubeClient:
             raise _publish_error(where, exc) from None
         return True
 
+    def _routing_config_map(self, namespace: str, name: str, where: str) -> Any:
+        """The ConfigMap as stored (a V1ConfigMap), None when there is none."""
+        try:
+            return self._core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise _publish_error(where, exc) from None
+
     def unpublish_routing(self, namespace: str, name: str, owner_uid: str) -> None:
         """Delete the ConfigMap `name` if the allocation `owner_uid` owns it (gone is fine)."""
         where = f"ConfigMap {namespace}/{name}"
-        try:
-            current = self._core.read_namespaced_config_map(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return
-            raise _publish_error(where, exc) from None
-        references = (current.metadata.owner_references if current.metadata else None) or []
-        if not any(r.uid == owner_uid for r in references):
+        current = self._routing_config_map(namespace, name, where)
+        if current is None or not _owned_by(current, owner_uid):
             return
         current_uid = current.metadata.uid if current.metadata else None
         self._guard()
