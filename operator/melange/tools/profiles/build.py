@@ -43,9 +43,13 @@ def calibration_record() -> dict[str, Any]:
     }
 
 
-def with_calibration(profile: Mapping[str, Any]) -> dict[str, Any]:
-    """`profile` with `estimate.calibration` (the sources its model was fitted to) added."""
-    estimate = {**profile["estimate"], "calibration": calibration_record()}
+def with_calibration(
+    profile: Mapping[str, Any], record: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """`profile` with `estimate.calibration` (the sources its model was fitted to: `record`,
+    default `calibration_record()`) added."""
+    calibration = calibration_record() if record is None else record
+    estimate = {**profile["estimate"], "calibration": calibration}
     return {**profile, "estimate": estimate}
 
 
@@ -81,8 +85,11 @@ def _serves_any(profile: Mapping[str, Any]) -> bool:
 
 def shipped_profiles() -> dict[str, dict[str, Any]]:
     """The generated profiles that serve at least one bucket, by name, with their calibration."""
+    record = calibration_record()  # the data file read once, for every profile
     return {
-        n: with_calibration(p) for n, p in generate_shipped_profiles().items() if _serves_any(p)
+        n: with_calibration(p, record)
+        for n, p in generate_shipped_profiles().items()
+        if _serves_any(p)
     }
 
 
