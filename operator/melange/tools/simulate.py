@@ -539,11 +539,7 @@ class Instance:
     def advance(self, until: float) -> None:
         """Run every iteration that ends by `until`."""
         while self.busy and self.end <= until:
-            self._finish()
-            if self.waiting or self.prefill or self.decoding:
-                self._start(self.end)
-            else:
-                self.busy = False
+            self.step(self.end)
 
     def step(self, start: float) -> None:
         """End the iteration in progress (at `end`), and start the next at `start` (>= `end`)
