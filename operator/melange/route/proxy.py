@@ -26,6 +26,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import random
+import shutil
 import signal
 import socket
 import sys
@@ -847,9 +848,7 @@ def run(
                 child.kill()
                 child.join()
         signal.signal(signal.SIGTERM, previous)
-        for name in os.listdir(shared):
-            os.unlink(os.path.join(shared, name))
-        os.rmdir(shared)
+        shutil.rmtree(shared, ignore_errors=True)
     return 0 if all(c.exitcode in (0, -signal.SIGTERM) for c in children) else 1
 
 
