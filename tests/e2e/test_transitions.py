@@ -250,6 +250,21 @@ def _assert(ok: bool) -> None:
     assert ok
 
 
+def _solved_for_activation(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    solved = kube.condition(name, namespace, "Solved") or {}
+    assert "requests wait" in solved.get("message", "")
+    return solved
+
+
+def _prices_shown(
+    kube: Kube, namespace: str, name: str, gpu: str, price: float
+) -> dict[str, dict[str, Any]]:
+    status = kube.allocation(name, namespace).get("status") or {}
+    shown = {p["name"]: p for p in status.get("prices", [])}
+    assert shown[gpu]["costPerHour"] == price
+    return shown
+
+
 # -- prices ---------------------------------------------------------------------------------------
 
 PRICE_QUERY = 'spot_price_per_hour{gpu="B"}'
@@ -279,8 +294,8 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
 
         exporter.values[PRICE_QUERY] = 5.0  # a price step: four A (4/h) are now the cheaper
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 0}), timeout=40)
-        status = kube.allocation("spot", namespace)["status"]
-        shown = {p["name"]: p for p in status["prices"]}
+        # the pools are patched before the status is written: wait for the status too
+        shown = eventually(lambda: _prices_shown(kube, namespace, "spot", "B", 5.0))
         assert shown["B"]["costPerHour"] == 5.0
         assert shown["B"]["source"] == f"Prometheus {PRICE_QUERY}"
         assert shown["A"] == {"name": "A", "costPerHour": 1.0, "source": "spec"}
@@ -431,7 +446,8 @@ def test_requests_waiting_wake_an_allocation_at_zero(
 
         exporter.values[PENDING] = 3  # requests wait at the gateway
         eventually(lambda: _assert(counts(kube, namespace) == {"A": 0, "B": 1}), timeout=30)
-        solved = kube.condition("idle", namespace, "Solved") or {}
+        # the pools are patched before the status is written: wait for the status too
+        solved = eventually(lambda: _solved_for_activation(kube, namespace, "idle"))
         assert "requests wait (the activation query reads 3)" in solved["message"]
         assert kube.allocation("idle", namespace)["status"]["observedActivation"] == 3
 
