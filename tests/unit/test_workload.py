@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import random
+import resource
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -88,6 +90,30 @@ def test_format_detected_by_content(tmp_path: Path) -> None:
 def test_stdin(tmp_path: Path) -> None:
     data = fragment(run("workload", "-", *EDGES, stdin=CSV))
     assert data["workload"] == {"distribution": [[2, 0], [2, 1]], "totalRate": 0.4}
+
+
+def test_stdin_that_cannot_be_spooled_is_a_clear_error() -> None:
+    """A real write failure: the file-size limit (RLIMIT_FSIZE, with SIGXFSZ ignored so the write
+    fails with EFBIG) stops the copy of stdin to its temporary file, as a full disk would."""
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+
+    log = CSV + "1,10,10,m\n" * 20_000  # about 200 KB, over the 64 KiB limit
+    result = subprocess.run(
+        [MELANGE, "workload", "-", *EDGES],
+        input=log,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        preexec_fn=limit_file_size,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "<stdin>: cannot copy it to a temporary file" in result.stderr
+    assert "give the log as a file" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_output_is_a_valid_spec_fragment(tmp_path: Path) -> None:

@@ -388,6 +388,20 @@ def _pass(
         yield scan, read_requests(raw, fmt, scan, tick)
 
 
+def _spool(stream: IO[bytes], spool: IO[bytes]) -> None:
+    """Copy standard input to the temporary file both passes read; a full disk is the user's to
+    know about (and a file argument avoids the copy), not a traceback."""
+    try:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            spool.write(chunk)
+        spool.flush()
+    except OSError as exc:
+        raise WorkloadError(
+            f"cannot copy it to a temporary file in {tempfile.gettempdir()} "
+            f"({exc.strerror or exc}); give the log as a file instead of on stdin"
+        ) from None
+
+
 def _first_text(raw: IO[bytes]) -> str:
     raw.seek(0)
     for chunk, _ in _raw_lines(raw):
@@ -419,8 +433,7 @@ def build_workload(
     try:
         with raw:
             if source is None:
-                for chunk in iter(lambda: sys.stdin.buffer.read(1 << 20), b""):
-                    raw.write(chunk)
+                _spool(sys.stdin.buffer, raw)
             fmt = detect_format(source, _first_text(raw))
             size = os.fstat(raw.fileno()).st_size
             if input_edges is None or output_edges is None:
