@@ -131,6 +131,26 @@ def test_a_second_allocation_on_the_same_pools_patches_nothing(
     assert pool_replicas(kube, namespace) == expected_replicas(other)
 
 
+def test_an_owner_that_moves_to_other_pools_leaves_them_to_the_next(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    make_pools(kube, namespace)
+    kube.create(manifest("first"), namespace)
+    wait_ready(kube, "first", namespace)
+    other = copy.deepcopy(SPEC)
+    other["workload"]["totalRate"] = 68
+    kube.create(manifest("second", other), namespace)
+    kube.wait_condition("second", namespace, "Ready", "False", "TargetConflict")
+
+    # the owner's spec now names other pools (that do not exist): its claim on these is gone
+    moved = copy.deepcopy(SPEC["gpus"])
+    for gpu in moved:
+        gpu["scaleTargetRef"]["name"] += "-moved"
+    kube.merge_patch(Kinds.allocation, "first", namespace, {"spec": {"gpus": moved}})
+    wait_ready(kube, "second", namespace)
+    assert pool_replicas(kube, namespace) == expected_replicas(other)
+
+
 def _reconciles(operator: OperatorProcess, name: str) -> int:
     return operator.log().count(f"/{name}] Reconciled (")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from melange.api.conditions import Condition
 from melange.controller import decide
@@ -53,6 +55,40 @@ def test_different_targets_do_not_conflict() -> None:
         )
         == []
     )
+
+
+TARGETS = [("team-a", "apps", "Deployment", f"pool-{k}") for k in range(4)]
+CLAIMS = st.lists(
+    st.builds(
+        claim,
+        st.sampled_from(["a", "b", "c", "d", "e"]),
+        st.sampled_from(["2026-01-01T00:00:00Z", "2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z"]),
+    ).flatmap(
+        lambda c: st.lists(st.sampled_from(TARGETS), max_size=3).map(
+            lambda targets: Claim(c.allocation, c.created, tuple(targets))
+        )
+    ),
+    max_size=6,
+    unique_by=lambda c: c.allocation,
+)
+
+
+@given(CLAIMS)
+def test_the_index_finds_for_each_allocation_the_earliest_other_claimant(
+    claims: list[Claim],
+) -> None:
+    """Built once from every claim (its own included), the index gives each allocation what a
+    scan of all the others gives: per target, the earliest other claimant when it ranks first."""
+    index = decide.ClaimIndex.of(claims)
+    for mine in claims:
+        expected = []
+        for target in dict.fromkeys(mine.targets):
+            others = [
+                (c.created, c.allocation) for c in claims if c != mine and target in c.targets
+            ]
+            if others and min(others) < (mine.created, mine.allocation):
+                expected.append((target, min(others)[1]))
+        assert index.conflicts(mine) == expected
 
 
 @pytest.mark.parametrize(

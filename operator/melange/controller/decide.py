@@ -7,7 +7,7 @@ Events) and call these pure functions in between, so every decision is unit-test
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -318,26 +318,44 @@ class Claim:
     targets: tuple[TargetKey, ...]
 
 
-def target_conflicts(mine: Claim, claims: Sequence[Claim]) -> list[tuple[TargetKey, AllocationKey]]:
-    """The targets of `mine` that an earlier allocation already claims, with that allocation.
+Rank = tuple[str, AllocationKey]  # (created, allocation): the earlier ranks first
 
-    The order is by creation, so the verdict is the same on every replica and after restarts,
-    and the allocation that came first keeps its pools.
-    """
-    rank = (mine.created, mine.allocation)
-    owners: dict[TargetKey, tuple[tuple[str, AllocationKey], AllocationKey]] = {}
-    for claim in claims:
-        if claim.allocation == mine.allocation:
-            continue
-        for target in claim.targets:
+
+@dataclass(frozen=True)
+class ClaimIndex:
+    """Per target, its earliest claim. Built once from every allocation's claim, it answers each
+    allocation's ownership check in the time of its own targets, not of every allocation's."""
+
+    earliest: Mapping[TargetKey, Rank]
+
+    @classmethod
+    def of(cls, claims: Iterable[Claim]) -> ClaimIndex:
+        earliest: dict[TargetKey, Rank] = {}
+        for claim in claims:
             here = (claim.created, claim.allocation)
-            if target not in owners or here < owners[target][0]:
-                owners[target] = (here, claim.allocation)
-    return [
-        (target, owners[target][1])
-        for target in dict.fromkeys(mine.targets)
-        if target in owners and owners[target][0] < rank
-    ]
+            for target in claim.targets:
+                if target not in earliest or here < earliest[target]:
+                    earliest[target] = here
+        return cls(earliest)
+
+    def conflicts(self, mine: Claim) -> list[tuple[TargetKey, AllocationKey]]:
+        """The targets of `mine` that an earlier allocation already claims, with that allocation.
+
+        The order is by creation, so the verdict is the same on every replica and after
+        restarts, and the allocation that came first keeps its pools. (An index that holds
+        `mine` itself is fine: no rank is earlier than itself.)
+        """
+        rank = (mine.created, mine.allocation)
+        return [
+            (target, self.earliest[target][1])
+            for target in dict.fromkeys(mine.targets)
+            if target in self.earliest and self.earliest[target] < rank
+        ]
+
+
+def target_conflicts(mine: Claim, claims: Sequence[Claim]) -> list[tuple[TargetKey, AllocationKey]]:
+    """The targets of `mine` that an earlier allocation in `claims` already claims."""
+    return ClaimIndex.of(claims).conflicts(mine)
 
 
 def describe_target(target: TargetKey) -> str:

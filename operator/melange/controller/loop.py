@@ -70,6 +70,11 @@ def failure_message(exc: BaseException) -> str:
     return text
 
 
+def _claim_identity(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What an allocation's claim on its node pools is made of (its rank and its targets)."""
+    return body.get("uid"), body.get("created"), body["spec"].get("gpus")
+
+
 def _poll_interval(spec: Mapping[str, Any]) -> float:
     raw = (spec.get("rateSource") or {}).get("intervalSeconds", 30)
     return float(min(max(raw if isinstance(raw, int) else 30, 5), 3600))
@@ -115,10 +120,13 @@ class Controller:
 
     def observe(self, key: Key, body: dict[str, Any] | None) -> None:
         """An allocation as the watch stream shows it now (None: deleted); due ones run at once."""
+        before = self.bodies.get(key)
         if body is None:
             self.bodies.pop(key, None)
         else:
             self.bodies[key] = body
+        if before is None or body is None or _claim_identity(before) != _claim_identity(body):
+            self.pools.claims_changed()
         self.wake()
 
     def leadership_changed(self, leading: bool) -> None:

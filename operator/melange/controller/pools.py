@@ -29,6 +29,8 @@ class Pools:
         self.settings = settings
         self.bodies = bodies  # every allocation as last seen: their claims on targets
         self._scopes: dict[tuple[str, str], tuple[str, bool]] = {}
+        self._claims_version = 0
+        self._index: tuple[int, decide.ClaimIndex] | None = None
 
     async def _scope(self, ref: api.ObjectReference) -> tuple[str, bool]:
         kind = (ref.group, ref.kind)
@@ -40,15 +42,17 @@ class Pools:
         _, namespaced = await self._scope(ref)
         return _key(namespace, ref, namespaced)
 
-    async def _claims(self, key: Key) -> list[decide.Claim]:
-        """Every other allocation's claim on its targets, from the specs as they are stored."""
-        claims = []
-        for other in list(self.bodies):
-            if other == key:
-                continue
-            body = self.bodies.get(other)
-            if body is None:
-                continue
+    def claims_changed(self) -> None:
+        """An allocation was added, deleted or its spec changed: the claim index is stale."""
+        self._claims_version += 1
+
+    async def claim_index(self) -> decide.ClaimIndex:
+        """Every allocation's claim on its targets, from the specs as they are stored; built again
+        only after a spec changed (or while a target's kind is not served: it may be soon)."""
+        if self._index is not None and self._index[0] == self._claims_version:
+            return self._index[1]
+        version, complete, claims = self._claims_version, True, []
+        for other, body in list(self.bodies.items()):
             targets = []
             for gpu in body["spec"].get("gpus") or ():
                 ref = _reference(gpu)
@@ -57,9 +61,12 @@ class Pools:
                 try:
                     targets.append(await self._target_key(other[0], ref))
                 except ScaleError:
-                    continue  # a kind the API server does not serve claims nothing
+                    complete = False  # a kind the API server does not serve claims nothing
             claims.append(decide.Claim(other, str(body.get("created") or ""), tuple(targets)))
-        return claims
+        index = decide.ClaimIndex.of(claims)
+        if complete and version == self._claims_version:
+            self._index = (version, index)
+        return index
 
     async def scale(
         self,
@@ -96,9 +103,8 @@ class Pools:
         if refused:
             return ScaleResult(decide.not_allowed_condition(refused))
         created = str(body.get("created") or "")
-        conflicts = decide.target_conflicts(
-            decide.Claim(key, created, tuple(mine)), await self._claims(key)
-        )
+        index = await self.claim_index()
+        conflicts = index.conflicts(decide.Claim(key, created, tuple(mine)))
         if conflicts:
             return ScaleResult(decide.conflict_condition(conflicts))
 
