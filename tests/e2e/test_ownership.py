@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,41 @@ def test_an_owner_that_moves_to_other_pools_leaves_them_to_the_next(
     kube.merge_patch(Kinds.allocation, "first", namespace, {"spec": {"gpus": moved}})
     wait_ready(kube, "second", namespace)
     assert pool_replicas(kube, namespace) == expected_replicas(other)
+
+
+def test_at_start_no_pool_is_patched_before_every_allocation_is_seen(
+    control_plane: ControlPlane, kube: Kube, namespace: str, tmp_path: Path
+) -> None:
+    """Allocations made while no operator runs: the one created first owns the pools, whatever
+    order the watch lists them in ("late-*" sort before "owner"), and nothing is written to them.
+    An operator acting on a partial view could patch them to a later one's plan before it saw
+    the owner; nine objects come faster than a reconcile reaches its ownership check, so that
+    race is held open in tests/unit/test_controller_sync.py."""
+    planned = expected_replicas(SPEC)
+    kube.deployment("pool-l4", namespace, planned["L4"])  # the owner's plan already
+    kube.machine_deployment("pool-a100", namespace, planned["A100"])
+    kube.node_pool("pool-h100", namespace, planned["H100"])
+    kube.create(manifest("owner"), namespace)
+    time.sleep(1.1)  # creation times have whole seconds: the later ones are later
+    other = copy.deepcopy(SPEC)
+    other["workload"]["totalRate"] = 68
+    assert expected_replicas(other) != planned
+    late = [f"late-{k}" for k in range(8)]
+    for name in late:
+        kube.create(manifest(name, other), namespace)
+    versions = pool_versions(kube, namespace)
+
+    process = OperatorProcess(control_plane, namespace, tmp_path, identity="fresh")
+    process.start()
+    try:
+        wait_ready(kube, "owner", namespace)
+        for name in late:
+            kube.wait_condition(name, namespace, "Ready", "False", "TargetConflict")
+        assert pool_versions(kube, namespace) == versions  # never written: already at the plan
+        assert "The watch shows every allocation (9); reconciling" in process.log()
+    finally:
+        process.stop()
+        print(f"--- operator log (tail) ---\n{process.log()[-8000:]}")
 
 
 def _reconciles(operator: OperatorProcess, name: str) -> int:

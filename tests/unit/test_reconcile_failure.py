@@ -11,7 +11,7 @@ controller, the spec's validation, the solver, the conditions) is the real code.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from melange import api
@@ -36,6 +36,9 @@ class FailingKube:
         self.status_fails = status_fails
         self.patches: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
+
+    def list_allocations(self, namespaces: Collection[str]) -> set[tuple[str, str, str]]:
+        raise AssertionError("these tests reconcile directly, not through the controller's loop")
 
     def scope(self, ref: api.ObjectReference) -> tuple[str, bool]:
         return "deployments.apps", True

@@ -173,6 +173,7 @@ def run(
             allow_cluster_scoped=frozenset(cluster_scoped),
             allow_prometheus_urls=prefixes,
             gpu_budgets=budgets,
+            namespaces=tuple(namespaces),
         ),
     )
 

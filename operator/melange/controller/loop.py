@@ -47,6 +47,7 @@ INTERNAL_ERROR = "InternalError"
 MAX_ERROR_MESSAGE = 200  # characters of an unexpected failure's one-line message
 MAX_CONCURRENT = 16
 STOP_GRACE_SECONDS = 10.0
+SYNC_INTERVAL_SECONDS = 0.5  # how often the view is compared with a LIST until it holds it all
 
 log = logging.getLogger("melange.controller")
 # why a plan was solved (the reason patches carry) -> the `trigger` label of melange_solves_total
@@ -109,6 +110,8 @@ class Controller:
         # per allocation and GPU type, the replicas it holds (for the cluster's GPU budgets)
         self.asked: dict[Key, dict[str, int]] = {}
         self._budget_lock = asyncio.Lock()
+        self.synced = False  # the watch has shown every allocation there was at the start
+        self.on_synced: Callable[[], None] = lambda: None
 
     # -- life cycle
 
@@ -156,7 +159,33 @@ class Controller:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.prometheus.close()
 
+    async def _sync(self) -> None:
+        """Act on a whole view only: wait until every allocation a LIST shows has been seen on
+        the watch. Until then an allocation could take the pools of one not yet seen that was
+        created before it, or the GPU budget that one holds."""
+        while True:
+            try:
+                listed = await asyncio.to_thread(
+                    self.kube.list_allocations, self.settings.namespaces
+                )
+            except Exception as exc:  # the API server's answer, or none: tried again
+                log.warning("Cannot list the allocations yet: %s", failure_message(exc))
+            else:
+                missing = [
+                    (namespace, name)
+                    for namespace, name, uid in listed
+                    if (self.bodies.get((namespace, name)) or {}).get("uid") != uid
+                ]
+                if not missing:
+                    break
+                log.debug("Waiting for %d allocations to be seen on the watch", len(missing))
+            await asyncio.sleep(SYNC_INTERVAL_SECONDS)
+        self.synced = True
+        log.info("The watch shows every allocation (%d); reconciling", len(listed))
+        self.on_synced()
+
     async def _run(self) -> None:
+        await self._sync()
         while True:
             try:
                 self._tick()

@@ -22,6 +22,8 @@ class Settings:
     allow_prometheus_urls: tuple[Prefix, ...] = ()
     # per gpus[].name, the most replicas all allocations together may ask for (`--gpu-budget`)
     gpu_budgets: Mapping[str, int] = field(default_factory=dict)
+    # the namespaces watched (`--namespace`); empty: all
+    namespaces: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

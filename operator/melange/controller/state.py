@@ -7,7 +7,7 @@ then kept in memory by the one writer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,6 +26,8 @@ Key = tuple[str, str]  # (namespace, name)
 
 class Kube(Protocol):
     """What the controller needs of the Kubernetes client (`controller.kube.client.KubeClient`)."""
+
+    def list_allocations(self, namespaces: Collection[str]) -> set[tuple[str, str, str]]: ...
 
     def scope(self, ref: api.ObjectReference) -> tuple[str, bool]: ...
 

@@ -22,7 +22,7 @@ import os
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -52,6 +52,10 @@ COMPONENT = "melange-operator"
 GROUP, VERSION, PLURAL = api.API_GROUP, api.API_VERSION, "melangeallocations"
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
+# a LIST of the objects' metadata only (the API server's PartialObjectMetadataList), else JSON
+METADATA_ONLY = "application/json;as=PartialObjectMetadataList;v=v1;g=meta.k8s.io,application/json"
+LIST_PAGE = 500
+LIST_TIMEOUT = 30.0
 CONFLICT_RETRIES = 6
 # Between attempts after a conflict, a random pause of up to 50 ms, doubling each time (at most
 # 1.55 s in all), so that a writer as fast as the operator does not win every race.
@@ -479,6 +483,37 @@ class KubeClient:
             content_type=content_type,
             field_manager=FIELD_MANAGER,
         )
+
+    # -- the allocations
+
+    def list_allocations(self, namespaces: Collection[str]) -> set[tuple[str, str, str]]:
+        """(namespace, name, uid) of every allocation in `namespaces` (empty: all), now: their
+        metadata only, in pages, so that a large fleet's specs do not cross the wire."""
+        found: set[tuple[str, str, str]] = set()
+        for namespace in namespaces or (None,):
+            token: str | None = None
+            while True:
+                options: dict[str, Any] = {
+                    "limit": LIST_PAGE,
+                    "_headers": {"Accept": METADATA_ONLY},
+                    "_request_timeout": LIST_TIMEOUT,
+                }
+                if token:
+                    options["_continue"] = token
+                page: Any = (
+                    self._custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **options)
+                    if namespace is None
+                    else self._custom.list_namespaced_custom_object(
+                        GROUP, VERSION, namespace, PLURAL, **options
+                    )
+                )
+                for item in page.get("items") or ():
+                    meta = item["metadata"]
+                    found.add((meta["namespace"], meta["name"], meta["uid"]))
+                token = (page.get("metadata") or {}).get("continue")
+                if not token:
+                    break
+        return found
 
     # -- the allocation's status and Events
 

@@ -89,10 +89,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         elector.start()
     else:
         metrics.record_leader(True)
-    controller.start()
     health: Health | None = memo.get("health")
     if health is not None:
-        health.ready = True
+        controller.on_synced = health.mark_ready  # once the watch shows every allocation
+    controller.start()
 
 
 @kopf.on.cleanup()

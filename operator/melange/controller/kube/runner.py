@@ -42,6 +42,7 @@ __all__ = [
 log = logging.getLogger("melange.health")
 
 READINESS_PATH = "/readyz"
+NOT_READY = "not ready: waiting for the API server, then for every allocation on the watch\n"
 
 
 class ProbeError(Exception):
@@ -68,9 +69,12 @@ def connect(kubeconfig: str | None) -> Credentials:
 @dataclass
 class Health:
     """What the probes report: alive while the event loop answers; ready once the API server has
-    answered and the controller has started."""
+    answered and the watch shows every allocation there was (the controller acts from then)."""
 
     ready: bool = False
+
+    def mark_ready(self) -> None:
+        self.ready = True
 
 
 @contextlib.asynccontextmanager
@@ -92,7 +96,7 @@ async def serve_probes(liveness_endpoint: str | None, health: Health) -> AsyncIt
     async def ready(_: aiohttp.web.Request) -> aiohttp.web.Response:
         if health.ready:
             return aiohttp.web.Response(text="ok\n")
-        return aiohttp.web.Response(status=503, text="not ready: waiting for the API server\n")
+        return aiohttp.web.Response(status=503, text=NOT_READY)
 
     app = aiohttp.web.Application()
     app.add_routes([aiohttp.web.get(parts.path, alive), aiohttp.web.get(READINESS_PATH, ready)])
