@@ -5,6 +5,7 @@ This scenario stops its control plane, so it runs on one of its own (the session
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -32,15 +33,21 @@ def own_control_plane() -> Iterator[ControlPlane]:
         yield cp
 
 
-def test_an_outage_of_the_control_plane_patches_nothing_and_reconciling_resumes(
-    own_control_plane: ControlPlane, tmp_path: Path
-) -> None:
-    cp = own_control_plane
+def _prepared(cp: ControlPlane) -> tuple[Kube, str]:
+    """The CRDs on this control plane (again is fine), and a namespace of the test's own."""
     kube = Kube(cp.kubeconfig_path)
     for document in [*kube.apply_file(CRD_FILE), *kube.apply_file(MANIFESTS / "test-targets.yaml")]:
         kube.wait_established(document["metadata"]["name"])
     namespace = f"t-{uuid.uuid4().hex[:10]}"
     kube.create_namespace(namespace)
+    return kube, namespace
+
+
+def test_an_outage_of_the_control_plane_patches_nothing_and_reconciling_resumes(
+    own_control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    cp = own_control_plane
+    kube, namespace = _prepared(cp)
     make_pools(kube, namespace)
     operator = OperatorProcess(
         cp, namespace, tmp_path, extra_args=("--resync-seconds", str(RESYNC))
@@ -92,6 +99,46 @@ def test_an_outage_of_the_control_plane_patches_nothing_and_reconciling_resumes(
         before = by_pool(plan_at(34))
         assert after == {p: [wanted[p]] for p in wanted if wanted[p] != before[p]}, after
         assert operator.process.poll() is None
+    finally:
+        operator.stop()
+        print(f"--- operator log (tail) ---\n{operator.log()[-12000:]}")
+
+
+def test_a_deletion_the_watch_missed_frees_the_pools_it_held(
+    own_control_plane: ControlPlane, tmp_path: Path
+) -> None:
+    """The operator is frozen while its watch connection is cut, an allocation is deleted, etcd
+    compacts its history and the API server restarts: the watch's resourceVersion is then too old
+    (410 Gone), so Kopf lists again, and a LIST brings no DELETED event. The next allocation on those pools must not wait
+    on a ghost."""
+    cp = own_control_plane
+    kube, namespace = _prepared(cp)
+    make_pools(kube, namespace)
+    operator = OperatorProcess(
+        cp, namespace, tmp_path, identity="gap", extra_args=("--resync-seconds", str(RESYNC))
+    )
+    operator.start()
+    assert operator.process is not None
+    try:
+        kube.create(manifest("first", spec_at(34)), namespace)
+        wait_ready(kube, "first", namespace)
+        time.sleep(1.1)  # creation times have whole seconds: "heir" is the later
+        kube.create(manifest("heir", spec_at(68)), namespace)
+        kube.wait_condition("heir", namespace, "Ready", "False", "TargetConflict")
+
+        operator.process.send_signal(signal.SIGSTOP)
+        try:
+            cp.restart(0.5)  # its watch connection is cut before the deletion: none in flight
+            kube.delete(Kinds.allocation, "first", namespace)
+            cp.compact_etcd()  # no history left to replay the deletion from
+            cp.restart(0.5)  # nor a watch cache
+        finally:
+            operator.process.send_signal(signal.SIGCONT)
+
+        wait_ready(kube, "heir", namespace, reason="Reconciled")
+        eventually(lambda: equal(pool_replicas(kube, namespace), plan_at(68)), timeout=60)
+        # no history and no cache to replay the deletion from: the LIST comparison found it
+        assert f"[{namespace}/first] Gone from the API server" in operator.log()
     finally:
         operator.stop()
         print(f"--- operator log (tail) ---\n{operator.log()[-12000:]}")

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 from melange.controller.loop import Controller
+from melange.controller.settings import Settings
 
 from .test_reconcile_failure import KEY, UID, FailingKube, body
 
@@ -29,13 +30,18 @@ class ListingKube(FailingKube):
         super().__init__()
         self.listed = listed
         self.list_error: Exception | None = None
+        self.during_list: Callable[[], None] | None = None
         self.lists = 0
 
     def list_allocations(self, namespaces: Collection[str]) -> set[tuple[str, str, str]]:
         self.lists += 1
         if self.list_error is not None:
             raise self.list_error
-        return set(self.listed)
+        answer = set(self.listed)
+        if self.during_list is not None:  # something happens while the LIST is under way
+            self.during_list()
+            self.during_list = None
+        return answer
 
 
 def later_body() -> dict[str, Any]:
@@ -127,6 +133,55 @@ def test_a_recreated_allocation_counts_only_when_the_watch_shows_the_new_one() -
             assert not controller.synced
             controller.observe(KEY, {**body(), "uid": "a-new-uid"})
             await eventually(lambda: controller.synced)
+        finally:
+            await controller.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_allocation_the_list_no_longer_shows_is_forgotten() -> None:
+    """A deletion in a gap of the watch (it lists again, and shows no DELETED event)."""
+    kube = ListingKube({(*KEY, UID), (*LATER, LATER_UID)})
+    controller = Controller(kube, lambda: False, Settings(resync_seconds=0.1))
+
+    async def scenario() -> None:
+        controller.observe(KEY, body())
+        controller.observe(LATER, later_body())
+        controller.start()
+        try:
+            await eventually(lambda: controller.synced)
+            lists = kube.lists
+            await eventually(lambda: kube.lists >= lists + 2)
+            assert set(controller.bodies) == {KEY, LATER}  # both still there: both listed
+            kube.listed = {(*KEY, UID)}  # LATER deleted, and the watch never said so
+            await eventually(lambda: LATER not in controller.bodies)
+            assert KEY in controller.bodies
+        finally:
+            await controller.stop()
+
+    asyncio.run(scenario())
+
+
+def test_an_allocation_seen_while_the_list_is_under_way_is_kept() -> None:
+    """Created after the LIST's snapshot, seen on the watch before the LIST answers: not gone."""
+    kube = ListingKube({(*KEY, UID)})
+    controller = Controller(kube, lambda: False, Settings(resync_seconds=0.1))
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        controller.observe(KEY, body())
+        controller.start()
+        try:
+            await eventually(lambda: controller.synced)
+
+            def created_meanwhile() -> None:
+                kube.listed.add((*LATER, LATER_UID))  # in every later LIST
+                loop.call_soon_threadsafe(controller.observe, LATER, later_body())
+
+            lists = kube.lists
+            kube.during_list = created_meanwhile
+            await eventually(lambda: kube.lists >= lists + 3)
+            assert set(controller.bodies) == {KEY, LATER}
         finally:
             await controller.stop()
 

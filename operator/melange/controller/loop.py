@@ -106,17 +106,23 @@ class Controller:
         self.pools = Pools(kube, self.settings, self.bodies)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._view_task: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(MAX_CONCURRENT)
         # per allocation and GPU type, the replicas it holds (for the cluster's GPU budgets)
         self.asked: dict[Key, dict[str, int]] = {}
         self._budget_lock = asyncio.Lock()
-        self.synced = False  # the watch has shown every allocation there was at the start
+        self._synced = asyncio.Event()  # the watch has shown every allocation there was
         self.on_synced: Callable[[], None] = lambda: None
 
     # -- life cycle
 
     def start(self) -> None:
+        self._view_task = asyncio.create_task(self._keep_view(), name="melange view")
         self._task = asyncio.create_task(self._run(), name="melange controller")
+
+    @property
+    def synced(self) -> bool:
+        return self._synced.is_set()
 
     def wake(self) -> None:
         self._wake.set()
@@ -148,9 +154,10 @@ class Controller:
 
     async def stop(self) -> None:
         """Stop; let reconciles in flight finish (they write their status), then close."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._view_task, self._task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         running = {s.task for s in self.states.values() if s.task is not None and not s.task.done()}
         if running:
             _, pending = await asyncio.wait(running, timeout=STOP_GRACE_SECONDS)
@@ -159,33 +166,57 @@ class Controller:
             await asyncio.gather(*pending, return_exceptions=True)
         await self.prometheus.close()
 
-    async def _sync(self) -> None:
-        """Act on a whole view only: wait until every allocation a LIST shows has been seen on
-        the watch. Until then an allocation could take the pools of one not yet seen that was
-        created before it, or the GPU budget that one holds."""
+    async def _list(self) -> set[tuple[Key, str]] | None:
+        """Every allocation the API server holds now, as (key, uid); None when it cannot say."""
+        try:
+            listed = await asyncio.to_thread(self.kube.list_allocations, self.settings.namespaces)
+        except Exception as exc:  # the API server's answer, or none: asked again later
+            log.warning("Cannot list the allocations: %s", failure_message(exc))
+            return None
+        return {((namespace, name), uid) for namespace, name, uid in listed}
+
+    async def _keep_view(self) -> None:
+        """The watch's view of the allocations, checked against a LIST: whole before anything
+        acts, then once per resync interval for deletions the watch did not show."""
         while True:
-            try:
-                listed = await asyncio.to_thread(
-                    self.kube.list_allocations, self.settings.namespaces
-                )
-            except Exception as exc:  # the API server's answer, or none: tried again
-                log.warning("Cannot list the allocations yet: %s", failure_message(exc))
-            else:
-                missing = [
-                    (namespace, name)
-                    for namespace, name, uid in listed
-                    if (self.bodies.get((namespace, name)) or {}).get("uid") != uid
-                ]
+            listed = await self._list()
+            if listed is not None:
+                missing = [key for key, uid in listed if self._uid(key) != uid]
                 if not missing:
                     break
                 log.debug("Waiting for %d allocations to be seen on the watch", len(missing))
             await asyncio.sleep(SYNC_INTERVAL_SECONDS)
-        self.synced = True
+        self._synced.set()
         log.info("The watch shows every allocation (%d); reconciling", len(listed))
         self.on_synced()
+        while True:
+            await asyncio.sleep(self.settings.resync_seconds)
+            await self._forget_the_gone()
+
+    def _uid(self, key: Key) -> str | None:
+        body = self.bodies.get(key)
+        return None if body is None else body.get("uid")
+
+    async def _forget_the_gone(self) -> None:
+        """Drop the allocations a LIST no longer shows. After a gap in the watch (an expired
+        resourceVersion: it lists again) a deletion in the gap has no DELETED event, and a ghost
+        would keep its claim on pools and its share of a GPU budget. Only those seen before the
+        LIST began are judged by it: one created since may be missing from it, not gone."""
+        before = {key: self._uid(key) for key in list(self.bodies)}
+        listed = await self._list()
+        if listed is None:
+            return
+        for key, uid in before.items():
+            if (key, uid) not in listed and self._uid(key) == uid:
+                log.warning(
+                    "[%s/%s] Gone from the API server, though the watch did not show its "
+                    "deletion; forgotten",
+                    *key,
+                )
+                self.observe(key, None)
 
     async def _run(self) -> None:
-        await self._sync()
+        await self._synced.wait()
         while True:
             try:
                 self._tick()
