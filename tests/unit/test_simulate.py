@@ -131,11 +131,10 @@ def iterations(instance: sim.Instance, count: int) -> list[float]:
 
 @pytest.mark.parametrize("batch", [100, 130, 160])
 def test_a_waiting_prompt_adds_at_most_a_share_of_the_slo_to_a_busy_iteration(batch: int) -> None:
-    """A memory-bound engine: in an idle iteration prompt tokens are free until their compute
-    reaches the weights' read time; in a busy one they are not. While a long prompt is chunked
-    in, every iteration stays within the SLO, or (a batch that alone takes more than three
-    quarters of it) within the batch's own time plus a quarter of the SLO, and the prompt
-    progresses."""
+    """A batch whose compute takes as long as its reads or longer, so prompt work adds to its
+    time: while a long prompt is chunked in, every iteration stays within the SLO, or (a batch
+    that alone takes more than three quarters of it) within the batch's own time plus a quarter of
+    the SLO, the least prompt work an iteration does, and the prompt progresses."""
     slo = 0.1
     model = sim.IterationModel(
         fixed=0.01, memory_fixed=0.05, compute_per_sequence=5e-4, compute_per_prefill_token=2e-4
@@ -157,6 +156,40 @@ def test_a_waiting_prompt_adds_at_most_a_share_of_the_slo_to_a_busy_iteration(ba
         assert len(seconds) < 100, "the prompt does not progress"
     assert max(seconds) <= limit + 1e-12
     assert min(seconds[:-1]) > alone[0]  # every iteration but the last (a part chunk) is full
+
+
+@pytest.mark.parametrize("reads", [0.075, 0.12])
+def test_prompt_work_hidden_under_a_memory_bound_batchs_reads_keeps_its_time(reads: float) -> None:
+    """A memory-bound batch that alone takes more than three quarters of the SLO (its reads: a
+    KV cache near full) leaves compute idle: the prompt's least work (a quarter of the SLO of its
+    compute) fits under the reads, so iterations stay within the SLO, or, for a batch that alone
+    misses it, within the batch's own time; and the prompt still does at least that much work in
+    each iteration (the least is of prompt work, as vLLM's per-step budget is of tokens)."""
+    slo, per_token = 0.1, 2e-4
+    model = sim.IterationModel(
+        fixed=0.01,
+        memory_fixed=reads,
+        compute_per_sequence=2e-4,
+        compute_per_prefill_token=per_token,
+    )
+    outcome = sim.Outcome([], [], [], [], [])
+    instance = sim.Instance(bare(model, slo), outcome)
+    for _ in range(100):  # 20 ms of compute, under the reads
+        instance.submit(outcome.add(10, 10_000), 0.0)
+    while any(math.isnan(t) for t in outcome.first):
+        iterations(instance, 1)
+    alone = iterations(instance, 1)[0]
+    assert alone == pytest.approx(0.01 + reads)
+    assert alone > (1 - sim.DEFAULT_MIN_PREFILL_SHARE) * slo
+    prompt = outcome.add(4000, 2)
+    instance.submit(prompt, instance.end)
+    seconds = []
+    while math.isnan(outcome.first[prompt]):
+        seconds.extend(iterations(instance, 1))
+        assert len(seconds) < 100, "the prompt does not progress"
+    assert max(seconds) <= max(slo, alone) + 1e-12
+    least_tokens = sim.DEFAULT_MIN_PREFILL_SHARE * slo / per_token
+    assert len(seconds) <= math.ceil(4000 / least_tokens)
 
 
 def test_a_cancelled_request_frees_its_slot_at_the_next_iteration() -> None:

@@ -22,13 +22,18 @@ At most `max_num_seqs` sequences run, and a request is admitted only while the K
 mean footprint (input + output / 2 tokens, the profiles' own average context; no preemption is
 modelled). The prefill chunk is as large as keeps the iteration within the TPOT SLO (the scheduler
 the profiles assume: perfmodel's "prefill chunks sized to keep each step within the SLO"), and
-while the decoding batch alone takes more than the SLO less `min_prefill_share` of it (a
-quarter), as large as adds that share to the batch's own seconds: waiting prompts always
-progress, so admission does not wait for the batch to fit the SLO, and an overloaded engine grows
-its batch up to `max_num_seqs` (or its KV cache) and misses the SLO, as vLLM does, instead of
-holding every request in the queue. The share is of this iteration's time, not of an idle one's:
-on a memory-bound engine prompt tokens are free in an idle iteration until its compute reaches the
-weights' read time, but not in a busy one, where as many tokens would cost far more.
+never smaller than `min_prefill_share` of the SLO (a quarter) of prompt work: the tokens whose own
+seconds (their compute, or for a fitted engine their host time) are that share, added to the
+iteration as the roofline adds them, so free while the decoding batch's weight and KV-cache reads
+still hide them. Waiting prompts thus always progress, so admission does not wait for the batch
+to fit the SLO, and an overloaded engine grows its batch up to `max_num_seqs` (or its KV cache)
+and misses the SLO, as vLLM does with its fixed budget of tokens per step (decodes first, then
+prompt chunks in what is left of `max_num_batched_tokens`), instead of holding every request in
+the queue. The least is a quantity of prompt work, as vLLM's budget is a number of tokens, not of
+time added to the decoding batch's own seconds: a memory-bound batch near the SLO (long contexts
+filling the KV cache, as at a profile's KV-bound maximum) leaves compute idle under its reads, and
+the prompt tokens that fill it keep the iteration within the SLO, where a quarter of the SLO added
+to the batch's own seconds would take every such iteration past it at loads the profile serves.
 
 A sequence's first token comes at the end of the iteration that finishes its prompt; TPOT is
 `(finish - first token) / (output - 1)` (as `melange profile` measures it), so requests of one
@@ -85,7 +90,7 @@ Chooser = Callable[[int, int | None, float], str]
 Routing = Literal["size-aware", "size-aware-output", "round-robin"]
 ROUTINGS: tuple[Routing, ...] = get_args(Routing)
 DEFAULT_MAX_NUM_SEQS = 256
-DEFAULT_MIN_PREFILL_SHARE = 0.25  # of the SLO: the smallest prompt chunk while prompts wait
+DEFAULT_MIN_PREFILL_SHARE = 0.25  # of the SLO: the least prompt work an iteration does
 MAX_PREFILL_TOKENS = 8192  # a chunk when nothing decodes (vLLM's max_num_batched_tokens order)
 _FIXED_GRID = (0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
 _SLO_TOLERANCE = 1e-9
@@ -605,9 +610,10 @@ class Instance:
             model.compute_per_prefill_token,
             model.compute_per_prefill_square,
         )
-        # the SLO, or while the decoding batch alone leaves less than `least` of it, the batch's
-        # own seconds plus `least`: waiting prompts always progress
-        limit = max(self.slo, host + max(memory, compute) + self.least) if n else math.inf
+        # the SLO, or while that leaves the prompts less than `least` seconds of their own work,
+        # the iteration with `least` of it (free under the batch's reads while they hide it):
+        # waiting prompts always progress
+        limit = max(self.slo, host + max(memory, compute + self.least)) if n else math.inf
         cap = MAX_PREFILL_TOKENS if n == 0 else math.inf
         tokens = 0.0
         self.first_tokens = []
