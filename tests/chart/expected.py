@@ -98,7 +98,9 @@ def router_rules(allocation: str) -> list[dict[str, Any]]:
     ]
 
 
-def router_args(allocation: str, namespace: str, workers: int = 1) -> list[str]:
+def router_args(
+    allocation: str, namespace: str, workers: int = 1, drain: int = 5, timeout: int = 45
+) -> list[str]:
     """The router container's arguments before the optional ones."""
     return [
         f"--table-configmap={namespace}/{allocation}-routing",
@@ -106,6 +108,8 @@ def router_args(allocation: str, namespace: str, workers: int = 1) -> list[str]:
         "--host=0.0.0.0",
         "--port=8080",
         f"--workers={workers}",
+        f"--drain-seconds={drain}",
+        f"--shutdown-timeout={timeout}",
     ]
 
 

@@ -465,6 +465,33 @@ def test_routing_options_become_flags() -> None:
     assert "--chars-per-token=4" in container(render(router(charsPerToken=4)))["args"]
 
 
+def test_a_stopping_pod_drains_and_is_killed_only_after_its_timeout() -> None:
+    """SIGTERM: the router serves on for drainSeconds, then its requests in flight have up to
+    shutdownTimeoutSeconds; the kubelet's grace period must outlast both."""
+    manifests = render(ENABLED)
+    args = container(manifests)["args"]
+    assert args[-2:] == ["--drain-seconds=5", "--shutdown-timeout=45"]
+    assert pod(manifests)["terminationGracePeriodSeconds"] == 60 > 5 + 45
+    assert "lifecycle" not in container(manifests)  # no preStop: the router drains by itself
+    values = router(drainSeconds=0, shutdownTimeoutSeconds=300, terminationGracePeriodSeconds=310)
+    manifests = render(values)
+    assert container(manifests)["args"][-2:] == ["--drain-seconds=0", "--shutdown-timeout=300"]
+    assert pod(manifests)["terminationGracePeriodSeconds"] == 310
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"shutdownTimeoutSeconds": 55},  # 5 + 55 = 60: killed as the timeout ends
+        {"terminationGracePeriodSeconds": 30},
+        {"drainSeconds": 20, "shutdownTimeoutSeconds": 60, "terminationGracePeriodSeconds": 79},
+    ],
+)
+def test_a_grace_period_within_drain_and_timeout_is_refused(values: dict[str, Any]) -> None:
+    with pytest.raises(HelmError, match=r"router.terminationGracePeriodSeconds \(\d+\) must be"):
+        render(router(**values))
+
+
 def test_a_tokenizer_comes_from_a_config_map_or_a_volume() -> None:
     manifests = render(router(tokenizer={"configMap": "llama-tokenizer", "key": "llama.json"}))
     route = container(manifests)
@@ -547,7 +574,7 @@ def test_every_router_value_reaches_its_object() -> None:
     route = container(manifests)
     assert route["image"] == "registry.example.com/melange-operator-route:0.1.0-route"
     assert route["args"] == [
-        *router_args("mixed", "serving", workers=2),
+        *router_args("mixed", "serving", workers=2, drain=10, timeout=100),
         "--trust-max-tokens",
         "--tokenizer=/etc/melange-router/tokenizer/tokenizer.json",
         "--chars-per-token=3.5",
@@ -621,6 +648,13 @@ def test_names_follow_the_release_and_fit_in_63_characters() -> None:
         ({"router": {"replicas": 2}}, "additional properties 'replicas' not allowed"),
         ({"router": {"replicaCount": -1}}, "at '/router/replicaCount'"),
         ({"router": {"workers": 0}}, "at '/router/workers'"),
+        ({"router": {"drainSeconds": -1}}, "at '/router/drainSeconds'"),
+        ({"router": {"drainSeconds": 2.5}}, "at '/router/drainSeconds'"),
+        ({"router": {"shutdownTimeoutSeconds": "30s"}}, "at '/router/shutdownTimeoutSeconds'"),
+        (
+            {"router": {"terminationGracePeriodSeconds": 0}},
+            "at '/router/terminationGracePeriodSeconds'",
+        ),
         ({"router": {"charsPerToken": 0}}, "at '/router/charsPerToken'"),
         ({"router": {"tokenizer": {"path": "tokenizer.json"}}}, "at '/router/tokenizer/path'"),
         (

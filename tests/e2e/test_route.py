@@ -121,12 +121,15 @@ def start_router(
 
 
 def launch_router(workdir: Path, *args: str, env: dict[str, str] | None = None) -> Router:
-    """`melange route ARGS` on a free port, once /healthz answers (the table may come later)."""
+    """`melange route ARGS` on a free port, once /healthz answers (the table may come later).
+    Without a drain on SIGTERM unless ARGS set one (test_route_shutdown.py), so that a test's
+    router stops as soon as its requests are done."""
     port = free_port()
     log_path = workdir / f"route-{port}.log"
     argv = [
         MELANGE,
         "route",
+        "--drain-seconds=0",
         *args,
         "--host=127.0.0.1",
         f"--port={port}",

@@ -122,6 +122,21 @@ def test_route_command_needs_one_table_source() -> None:
     assert "cannot read" in result.output
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--drain-seconds=-1", "--drain-seconds"),
+        ("--drain-seconds=inf", "--drain-seconds: must be a finite number"),
+        ("--shutdown-timeout=-0.5", "--shutdown-timeout"),
+        ("--shutdown-timeout=nan", "--shutdown-timeout: must be a finite number"),
+    ],
+)
+def test_route_command_refuses_a_bad_drain_or_shutdown_timeout(option: str, message: str) -> None:
+    result = CliRunner().invoke(main, ["route", "--table=t.json", option])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
 def test_an_allocation_gives_its_plans_table() -> None:
     from pathlib import Path
 

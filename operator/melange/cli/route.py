@@ -169,6 +169,22 @@ def tokenizer_counter(path: Path) -> rq.TextCounter:
     show_default=True,
     help="Seconds to connect to an upstream before trying another.",
 )
+@click.option(
+    "--drain-seconds",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="On SIGTERM: seconds to go on serving, /readyz answering 503, before the port closes, "
+    "so that load balancers stop sending first (0: close at once).",
+)
+@click.option(
+    "--shutdown-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Then: seconds the requests in flight (streams included) have to end before they are "
+    "cut (0: cut at once).",
+)
 def route_command(
     table_file: Path | None,
     allocation_file: str | None,
@@ -185,6 +201,8 @@ def route_command(
     event_loop: Literal["auto", "asyncio", "uvloop"],
     seed: int | None,
     connect_timeout: float,
+    drain_seconds: float,
+    shutdown_timeout: float,
 ) -> None:
     """Serve an OpenAI-compatible proxy that sends each request to the GPU type sized for it.
 
@@ -193,9 +211,16 @@ def route_command(
     and the engines of each GPU type (--upstream, or a Service per type named in the table).
     Serves POST /v1/completions and /v1/chat/completions (streamed through unchanged), GET
     /v1/models, /metrics, /healthz and /readyz. A type that refuses a request (down, 429, 503)
-    passes it to another. Exits 2 when the input is invalid, 1 when the allocation has no plan.
+    passes it to another. On SIGTERM it drains (--drain-seconds, --shutdown-timeout) and exits 0;
+    a second SIGTERM or Ctrl-C stops it at once. Exits 2 when the input is invalid, 1 when the
+    allocation has no plan.
     """
-    for name, value in (("--rate", rate), ("--chars-per-token", chars_per_token)):
+    for name, value in (
+        ("--rate", rate),
+        ("--chars-per-token", chars_per_token),
+        ("--drain-seconds", drain_seconds),
+        ("--shutdown-timeout", shutdown_timeout),
+    ):
         if value is not None and not math.isfinite(value):
             fail([f"{name}: must be a finite number, got {value}"], EXIT_INVALID)
     sources = [table_file, allocation_file, table_configmap]
@@ -260,7 +285,14 @@ def route_command(
         return proxy.Router(table, upstreams, settings, watch=watch, feed=feed, metrics=metrics)
 
     try:
-        status = proxy.run(make_router, host, port, workers=workers, loop=event_loop)
+        status = proxy.run(
+            make_router,
+            host,
+            port,
+            workers=workers,
+            loop=event_loop,
+            shutdown=proxy.Shutdown(drain_seconds, shutdown_timeout),
+        )
     except OSError as exc:  # the address is taken, or not ours to listen on
         fail([f"--host/--port {host}:{port}: cannot listen: {exc.strerror or exc}"], EXIT_INVALID)
     if status:

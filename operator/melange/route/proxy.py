@@ -14,6 +14,11 @@ and a `Feed`, which tells the router of new tables and of the servers of the typ
 names a Service (`melange.route.kube` watches a ConfigMap and EndpointSlices). This module knows
 nothing of Kubernetes: the feed calls a thread-safe `Sink`. `run` serves on uvloop when it is
 installed, in one process or in several sharing the port (SO_REUSEPORT).
+
+Stopping (`Shutdown`): on SIGTERM /readyz answers 503 at once and the router goes on serving for
+`drain_seconds`, the time for load balancers to stop sending to it; then it stops listening and
+waits up to `timeout` seconds for the requests in flight (streams included) to end, and exits 0.
+A second SIGTERM, or a SIGINT, stops it at once, cutting what is still in flight.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ MODELS_TIMEOUT = 5.0
 # Idle upstream connections are kept this long: under uvicorn's (vLLM's) 5 s, so an engine never
 # closes a connection the moment the router reuses it.
 KEEPALIVE_SECONDS = 4.0
+# How much longer than drain + timeout the parent of several workers waits for them before it
+# kills them: enough for aiohttp's rounding of its timeout up to a whole second and for closing.
+WORKERS_MARGIN_SECONDS = 10.0
 # Headers that describe one connection, not the message (RFC 9110 7.6.1), and those aiohttp sets.
 HOP_BY_HOP = frozenset(
     {
@@ -221,6 +229,14 @@ class Settings:
     poll_seconds: float = 1.0
 
 
+@dataclass(frozen=True)
+class Shutdown:
+    """How the router stops on SIGTERM (the module's doc; docs/routing.md#melange-route)."""
+
+    drain_seconds: float = 5.0  # serving on, /readyz 503, before the listening socket closes
+    timeout: float = 30.0  # then, for the requests in flight to end (0: cut them at once)
+
+
 TableLoader = Callable[[], route.RouteTable]
 
 
@@ -334,6 +350,7 @@ class Router:
         self._restricted: dict[frozenset[str], route.RouteTable] = {}
         self._children: dict[tuple[Any, ...], Any] = {}  # metric children by (metric, labels)
         self.table: route.RouteTable | None = None
+        self.draining = False  # stopping: /readyz answers 503, answers close their connection
         if table is not None:
             self._install(table)
         else:
@@ -462,6 +479,10 @@ class Router:
         now = time.monotonic()
         return any(u.live(now) for g in self.table.gpus for u in self.upstreams.get(g, ()))
 
+    def in_flight(self) -> int:
+        """Requests sent to an upstream and not yet finished."""
+        return sum(u.in_flight for u in self._known.values())
+
     # -- the server -----------------------------------------------------------------------------
 
     def app(self) -> web.Application:
@@ -508,6 +529,10 @@ class Router:
         return web.json_response({"status": "ok", "gpus": gpus, "live": live})
 
     async def readyz(self, _: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response(
+                {"ready": False, "reason": "draining: the router is stopping"}, status=503
+            )
         if self.table is None:
             return web.json_response({"ready": False, "reason": "no routing table yet"}, status=503)
         if not self.ready():
@@ -677,6 +702,8 @@ class Router:
         """Pass `answer` through as it arrives, and record its timing."""
         out = web.StreamResponse(status=answer.status, reason=answer.reason)
         out.headers.extend(_passed(answer.headers, keep_length=True))
+        if self.draining:  # the client's next request opens a connection, to another router
+            out.force_close()
         await out.prepare(request)
         streamed = answer.content_type == "text/event-stream"
         events = rq.EventCounter()
@@ -778,25 +805,102 @@ def _runner(loop: EventLoop) -> asyncio.Runner:
     return asyncio.Runner()
 
 
-async def serve(router: Router, host: str, port: int, reuse_port: bool = False) -> None:
-    """Serve until SIGTERM or cancelled; a client that disconnects cancels its handler (and so
-    closes its upstream request at once, not at the next chunk)."""
-    runner = web.AppRunner(router.app(), handler_cancellation=True, access_log=None)
+class _Stop:
+    """What the signals asked for: `stopping` (a first SIGTERM: drain), `hurry` (a second SIGTERM
+    or a SIGINT: at once)."""
+
+    def __init__(self) -> None:
+        self.stopping = asyncio.Event()
+        self.hurry = asyncio.Event()
+
+    def signalled(self, signum: int) -> None:
+        if signum != signal.SIGTERM or self.stopping.is_set():
+            if not self.hurry.is_set():
+                log.info("%s: stopping at once", signal.Signals(signum).name)
+            self.hurry.set()
+        self.stopping.set()
+
+    async def sleep(self, seconds: float) -> None:
+        """`seconds`, or less when asked to hurry."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.hurry.wait(), seconds)
+
+
+async def serve(
+    router: Router,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    shutdown: Shutdown | None = None,
+) -> None:
+    """Serve until SIGTERM (then drain and stop as `shutdown` says), SIGINT or cancelled; a client
+    that disconnects cancels its handler (and so closes its upstream request at once, not at the
+    next chunk)."""
+    shutdown = shutdown or Shutdown()
+    # aiohttp waits without a limit for a timeout of 0: with 0, `_close` cuts the requests itself.
+    runner = web.AppRunner(
+        router.app(),
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown.timeout or 1.0,
+    )
     await runner.setup()
-    stop = asyncio.Event()
+    stop = _Stop()
     loop = asyncio.get_running_loop()
-    with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+    handled: dict[signal.Signals, Any] = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
+            previous = signal.getsignal(signum)
+            loop.add_signal_handler(signum, stop.signalled, signum)
+            handled[signum] = previous
     try:
         site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
         log.info("routing on http://%s:%d (process %d)", host, port, os.getpid())
-        await stop.wait()
+        await stop.stopping.wait()
+        router.draining = True
+        if not stop.hurry.is_set() and shutdown.drain_seconds > 0:
+            log.info(
+                "SIGTERM: draining, /readyz answers 503; serving %gs more before closing the port",
+                shutdown.drain_seconds,
+            )
+            await stop.sleep(shutdown.drain_seconds)
     finally:
-        await runner.cleanup()
+        router.draining = True
+        await _close(runner, router, shutdown.timeout, stop)
+        for signum, previous in handled.items():
+            loop.remove_signal_handler(signum)
+            if previous is not None:  # e.g. asyncio.Runner's own SIGINT handler, or SIG_IGN
+                signal.signal(signum, previous)
+    log.info("stopped (process %d)", os.getpid())
+
+
+async def _close(runner: web.AppRunner, router: Router, timeout: float, stop: _Stop) -> None:
+    """Stop listening, give the requests in flight up to `timeout` seconds to end (aiohttp's
+    `shutdown_timeout`, unless `stop` says to hurry), then cut the rest and close the app."""
+    for site in runner.sites:
+        await site.stop()  # no new connection; idle kept-alive ones close in `cleanup`
+    if stop.stopping.is_set() and not stop.hurry.is_set() and timeout > 0:
+        log.info(
+            "closed the port; waiting up to %gs for %d request(s) in flight",
+            timeout,
+            router.in_flight(),
+        )
+    cleanup = asyncio.ensure_future(runner.cleanup())
+    if timeout > 0:
+        hurried = asyncio.ensure_future(stop.hurry.wait())
+        try:
+            await asyncio.wait({cleanup, hurried}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hurried.cancel()
+    if not cleanup.done() and runner.server is not None:
+        for connection in runner.server.connections:
+            connection.force_close()  # its handler is cancelled, its upstream request closed
+    await cleanup
 
 
 RouterFactory = Callable[[Metrics], Router]
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 def run(
@@ -805,15 +909,19 @@ def run(
     port: int,
     workers: int = 1,
     loop: EventLoop = "auto",
+    shutdown: Shutdown | None = None,
 ) -> int:
     """Serve with one router made by `make_router`, in this process; or with `workers` processes
     sharing the port (SO_REUSEPORT: the kernel spreads the connections), each its own router
     (its own table, upstream connections and in-flight counts) and their metrics summed on
-    every one's /metrics (prometheus_client's multiprocess mode). Raises OSError when the
-    address cannot be listened on; returns the exit status."""
+    every one's /metrics (prometheus_client's multiprocess mode). Each stops as `shutdown` says:
+    the parent passes a SIGTERM on to the workers once (they drain), and a second one or a SIGINT
+    as a SIGINT (they stop at once). Raises OSError when the address cannot be listened on;
+    returns the exit status."""
+    shutdown = shutdown or Shutdown()
     if workers <= 1:
         with _runner(loop) as runner:
-            runner.run(serve(make_router(Metrics()), host, port))
+            runner.run(serve(make_router(Metrics()), host, port, shutdown=shutdown))
         return 0
     with socket.create_server((host, port), reuse_port=True):  # taken, or not ours: OSError here
         pass
@@ -821,45 +929,85 @@ def run(
     context = multiprocessing.get_context("fork")  # the children inherit `make_router` as it is
     children = [
         context.Process(
-            target=_worker, args=(make_router, host, port, loop, shared), name=f"route-{k}"
+            target=_worker,
+            args=(make_router, host, port, loop, shared, shutdown),
+            name=f"route-{k}",
         )
         for k in range(workers)
     ]
+    level = 0  # what the workers are to do: 0 serve, 1 drain and stop, 2 stop at once
+    told: dict[str, int] = {}  # the level each worker was told
 
-    def forward(signum: int, _: Any) -> None:
+    def tell() -> None:
+        """Signal each running worker up to `level`: SIGTERM once, then SIGINT."""
         for child in children:
-            if child.pid is not None and child.exitcode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child.pid, signal.SIGTERM)
+            if child.pid is None or child.exitcode is not None:
+                continue
+            for want, signum in ((1, signal.SIGTERM), (2, signal.SIGINT)):
+                if level >= want > told.get(child.name, 0):
+                    told[child.name] = want
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(child.pid, signum)
 
-    previous = signal.signal(signal.SIGTERM, forward)
+    def signalled(signum: int, _: Any) -> None:
+        nonlocal level
+        level = 2 if signum == signal.SIGINT or level >= 1 else 1
+        tell()
+
+    previous = {signum: signal.signal(signum, signalled) for signum in STOP_SIGNALS}
     try:
-        for child in children:
-            child.start()
+        # The workers start with these signals blocked (a fork keeps the mask) until they have
+        # their own handlers: one signalled before that is not handled as the parent.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for child in children:
+                child.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         # one worker that ends ends them all: a pod that no longer serves should restart
         multiprocessing.connection.wait([c.sentinel for c in children])
-    except KeyboardInterrupt:
-        pass
-    finally:
-        forward(signal.SIGTERM, None)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # not `signalled` halfway through
+        try:
+            level = max(level, 1)
+            tell()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        deadline = time.monotonic() + shutdown.drain_seconds + shutdown.timeout
+        deadline += WORKERS_MARGIN_SECONDS
         for child in children:
-            child.join(timeout=30)
-            if child.exitcode is None:
+            child.join(timeout=max(deadline - time.monotonic(), 0.0))
+    finally:
+        for child in children:
+            if child.pid is not None and child.exitcode is None:
+                log.warning("worker %d did not stop in time: killed", child.pid)
                 child.kill()
                 child.join()
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         shutil.rmtree(shared, ignore_errors=True)
     return 0 if all(c.exitcode in (0, -signal.SIGTERM) for c in children) else 1
 
 
-def _worker(make_router: RouterFactory, host: str, port: int, loop: EventLoop, shared: str) -> None:
-    """One of `run`'s worker processes."""
+def _worker(
+    make_router: RouterFactory,
+    host: str,
+    port: int,
+    loop: EventLoop,
+    shared: str,
+    shutdown: Shutdown,
+) -> None:
+    """One of `run`'s worker processes; it starts with SIGTERM and SIGINT blocked."""
+    # Until `serve` handles them a SIGTERM ends the worker and a SIGINT is ignored (a terminal's
+    # Ctrl-C reaches the parent too, which stops the workers).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the workers (SIGTERM)
     try:
         with _runner(loop) as runner:
-            runner.run(serve(make_router(Metrics(shared)), host, port, reuse_port=True))
+            router = make_router(Metrics(shared))
+            runner.run(serve(router, host, port, reuse_port=True, shutdown=shutdown))
     except Exception:
         log.exception("worker %d stopped", os.getpid())
         sys.exit(1)
