@@ -7,6 +7,7 @@ import copy
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -102,18 +103,26 @@ def test_observe_policy_reports_the_change_and_leaves_the_pool(
     wait_ready(kube, "chat", namespace)
 
 
-def test_a_second_allocation_on_the_same_pools_patches_nothing(
-    kube: Kube, namespace: str, operator: OperatorProcess
-) -> None:
+def _second_on_the_pools_of_first(
+    kube: Kube, namespace: str
+) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    """ "first" Ready on its pools, then "second" (another rate) on the same ones: the pools'
+    versions before "second", its spec, and its TargetConflict condition."""
     make_pools(kube, namespace)
     kube.create(manifest("first"), namespace)
     wait_ready(kube, "first", namespace)
     versions = pool_versions(kube, namespace)
-
     other = copy.deepcopy(SPEC)
     other["workload"]["totalRate"] = 68
     kube.create(manifest("second", other), namespace)
     condition = kube.wait_condition("second", namespace, "Ready", "False", "TargetConflict")
+    return versions, other, condition
+
+
+def test_a_second_allocation_on_the_same_pools_patches_nothing(
+    kube: Kube, namespace: str, operator: OperatorProcess
+) -> None:
+    versions, other, condition = _second_on_the_pools_of_first(kube, namespace)
     assert condition["message"].startswith(
         f"Deployment/pool-l4 in namespace {namespace} belongs to MelangeAllocation "
         f"{namespace}/first"
@@ -135,13 +144,7 @@ def test_a_second_allocation_on_the_same_pools_patches_nothing(
 def test_an_owner_that_moves_to_other_pools_leaves_them_to_the_next(
     kube: Kube, namespace: str, operator: OperatorProcess
 ) -> None:
-    make_pools(kube, namespace)
-    kube.create(manifest("first"), namespace)
-    wait_ready(kube, "first", namespace)
-    other = copy.deepcopy(SPEC)
-    other["workload"]["totalRate"] = 68
-    kube.create(manifest("second", other), namespace)
-    kube.wait_condition("second", namespace, "Ready", "False", "TargetConflict")
+    _, other, _ = _second_on_the_pools_of_first(kube, namespace)
 
     # the owner's spec now names other pools (that do not exist): its claim on these is gone
     moved = copy.deepcopy(SPEC["gpus"])
