@@ -14,6 +14,9 @@ import copy
 from collections.abc import Callable, Collection
 from typing import Any
 
+import pytest
+
+from melange.controller import loop
 from melange.controller.loop import Controller
 from melange.controller.settings import Settings
 
@@ -101,7 +104,10 @@ def test_an_allocation_deleted_before_the_watch_saw_it_does_not_hold_the_start()
     asyncio.run(scenario())
 
 
-def test_a_list_that_fails_is_tried_again_and_nothing_acts_meanwhile() -> None:
+def test_a_list_that_fails_is_tried_again_and_nothing_acts_meanwhile(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(loop, "SYNC_INTERVAL_SECONDS", 0.05)  # the back-off's first step
     kube = ListingKube({(*KEY, UID)})
     kube.list_error = RuntimeError("connection refused")
     controller = Controller(kube, lambda: True)

@@ -48,6 +48,7 @@ MAX_ERROR_MESSAGE = 200  # characters of an unexpected failure's one-line messag
 MAX_CONCURRENT = 16
 STOP_GRACE_SECONDS = 10.0
 SYNC_INTERVAL_SECONDS = 0.5  # how often the view is compared with a LIST until it holds it all
+SYNC_RETRY_MAX_SECONDS = 30.0  # the longest wait between LISTs that fail
 
 log = logging.getLogger("melange.controller")
 # why a plan was solved (the reason patches carry) -> the `trigger` label of melange_solves_total
@@ -178,14 +179,18 @@ class Controller:
     async def _keep_view(self) -> None:
         """The watch's view of the allocations, checked against a LIST: whole before anything
         acts, then once per resync interval for deletions the watch did not show."""
+        failures = 0
         while True:
             listed = await self._list()
             if listed is not None:
+                failures = 0
                 missing = [key for key, uid in listed if self._uid(key) != uid]
                 if not missing:
                     break
                 log.debug("Waiting for %d allocations to be seen on the watch", len(missing))
-            await asyncio.sleep(SYNC_INTERVAL_SECONDS)
+            else:
+                failures += 1  # a LIST that fails is asked again less and less often
+            await asyncio.sleep(min(SYNC_INTERVAL_SECONDS * 2**failures, SYNC_RETRY_MAX_SECONDS))
         self._synced.set()
         log.info("The watch shows every allocation (%d); reconciling", len(listed))
         self.on_synced()
