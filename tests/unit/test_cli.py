@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 import pytest
@@ -785,37 +786,74 @@ def test_run_logs_text_by_default(tmp_path: Path) -> None:
 JSON_LOGGING = """
 import logging, sys
 import kopf
-from melange.cli.logs import configure_json_logging
+from melange.cli.logs import JsonFormatter
 
-configure_json_logging()
-kopf.configure(verbose=False, log_format=kopf.LogFormat.PLAIN)  # as `melange run` starts Kopf
+# as `melange run --log-format json [-v]` starts Kopf (melange.controller.kube.runner.run_operator)
+kopf.configure(verbose="-v" in sys.argv, log_format=kopf.LogFormat.JSON, log_refkey="object")
+logging.getLogger().handlers[-1].setFormatter(JsonFormatter())
 try:
     1 / 0
 except ZeroDivisionError:
     logging.getLogger("melange.controller").exception("reconcile of %s failed", "ns/chat")
 logging.getLogger("kopf.objects").info(
-    "Handler done.", extra={"k8s_ref": {"kind": "MelangeAllocation", "namespace": "ns",
-                                        "name": "chat", "uid": None}}
+    "Handler done.",
+    extra={"k8s_ref": {"apiVersion": "melange.dev/v1alpha1", "kind": "MelangeAllocation",
+                       "namespace": "ns", "name": "chat", "uid": None},
+           "k8s_skip": True, "settings": kopf.OperatorSettings()},
 )
-logging.getLogger("melange.controller").debug("not shown without --verbose")
+logging.getLogger("melange.controller").debug("shown with --verbose: déjà vu")
+for name in ("aiohttp.access", "kubernetes.client.rest", "urllib3.connectionpool"):
+    logging.getLogger(name).warning("from %s", name)
+logging.getLogger("melange.controller").info("where", stack_info=True)
 """
 
 
-def test_json_log_lines_carry_the_exception_and_the_object() -> None:
+def json_log_lines(*args: str) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, "-c", JSON_LOGGING],
+        [sys.executable, "-c", JSON_LOGGING, *args],
+        env={**os.environ, "TZ": "Asia/Tokyo"},  # the times are UTC all the same
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    failed, handled = (json.loads(line) for line in done.stderr.splitlines())
+    return [json.loads(line) for line in done.stderr.splitlines()]
+
+
+def test_json_log_lines_carry_the_exception_and_the_object() -> None:
+    import datetime as dt
+
+    failed, handled, *libraries, located = json_log_lines()
+    assert list(failed) == ["time", "level", "logger", "message", "exception"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", failed["time"])
+    when = dt.datetime.fromisoformat(failed["time"])
+    assert abs(when - dt.datetime.now(dt.UTC)) < dt.timedelta(minutes=1)
     assert failed["level"] == "ERROR"
     assert failed["logger"] == "melange.controller"
     assert failed["message"] == "reconcile of ns/chat failed"
     assert failed["exception"].startswith("Traceback (most recent call last):")
     assert failed["exception"].endswith("ZeroDivisionError: division by zero")
+    # Kopf's extras: the object reference (without its empty parts) and nothing else
+    assert list(handled) == ["time", "level", "logger", "message", "object"]
     assert handled["logger"] == "kopf.objects"
     assert handled["message"] == "Handler done."
-    assert handled["object"] == {"kind": "MelangeAllocation", "namespace": "ns", "name": "chat"}
-    assert "exception" not in handled
+    assert handled["object"] == {
+        "apiVersion": "melange.dev/v1alpha1",
+        "kind": "MelangeAllocation",
+        "namespace": "ns",
+        "name": "chat",
+    }
+    # the libraries' loggers: once each, through the same handler
+    assert [(line["logger"], line["message"]) for line in libraries] == [
+        (name, f"from {name}")
+        for name in ("aiohttp.access", "kubernetes.client.rest", "urllib3.connectionpool")
+    ]
+    assert list(located) == ["time", "level", "logger", "message", "stack"]
+    assert located["stack"].startswith("Stack (most recent call last):")
+
+
+def test_json_log_lines_at_debug_with_verbose() -> None:
+    lines = json_log_lines("-v")
+    debug = [line for line in lines if line["level"] == "DEBUG"]
+    assert [line["message"] for line in debug] == ["shown with --verbose: déjà vu"]
+    assert len(lines) == 7

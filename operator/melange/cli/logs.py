@@ -1,65 +1,54 @@
 """`melange run --log-format json`: one JSON object per log line, for log collectors.
 
 Each line holds `time` (RFC 3339, UTC, milliseconds), `level`, `logger`, `message`, and when
-there is one, `exception` (the formatted traceback) and `object` (the Kubernetes object a Kopf
-object logger names). The standard library's `logging` only: no dependency of its own.
+there is one, `exception` (the formatted traceback), `stack` (`stack_info`) and `object` (the
+Kubernetes object a Kopf object logger names), in that order, and nothing else.
 
-Kopf puts its own handler on the root logger when the operator starts (plain text). So that
-every record is written once, as JSON, the JSON handler goes on the top-level loggers that exist
-when logging is configured (`melange`, `kopf`, `aiohttp`, `kubernetes`, ...), which stop passing
-records up to the root; their levels still follow the root's, which `--verbose` sets.
+Kopf writes every log line: `kopf.configure` puts one handler on the root logger, and every other
+logger passes its records up to it. For JSON, `melange run` hands `JsonFormatter` to the operator's
+start, which sets it on that handler. The formatter is python-json-logger's (Kopf's own JSON logs
+are built on it too), with the field names above and UTC times.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import logging
-import sys
-from typing import Any, TextIO
+import time
+from collections.abc import Callable
+from typing import Any
 
-LOG_FORMATS = ("text", "json")
-#: Always given the JSON handler, even when nothing has logged to them yet.
-OWN_LOGGERS = ("melange", "kopf")
+from pythonjsonlogger import json as jsonlogger
+
+#: A line's keys, in this order; the last three only when the record has them.
+FIELDS = ("time", "level", "logger", "message", "exception", "stack", "object")
 
 
-class JsonFormatter(logging.Formatter):
-    """A record as one line of JSON: time, level, logger, message (exception, object)."""
+class JsonFormatter(jsonlogger.JsonFormatter):
+    """A record as one line of JSON: time, level, logger, message (exception, stack, object)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.UTC)
-            .isoformat(timespec="milliseconds")
-            .replace("+00:00", "Z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            line["exception"] = record.exc_text
-        if record.stack_info:
-            line["stack"] = self.formatStack(record.stack_info)
-        reference = getattr(record, "k8s_ref", None)
+    # `time`: logging.Formatter.formatTime with these, e.g. 2026-12-01T07:16:10.349Z
+    converter: Callable[[float | None], time.struct_time] = time.gmtime
+    default_time_format = "%Y-%m-%dT%H:%M:%S"
+    default_msec_format = "%s.%03dZ"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "%(asctime)s %(levelname)s %(name)s %(message)s",
+            rename_fields={
+                "asctime": "time",
+                "levelname": "level",
+                "name": "logger",
+                "exc_info": "exception",
+                "stack_info": "stack",
+                "k8s_ref": "object",  # what Kopf's object loggers add to their records
+            },
+            json_ensure_ascii=False,
+        )
+
+    def process_log_record(self, log_data: dict[str, Any]) -> dict[str, Any]:
+        """The documented keys only (not the other `extra` attributes of a record, such as Kopf's
+        `settings`), and the object reference without its empty parts."""
+        line = {key: log_data[key] for key in FIELDS if key in log_data}
+        reference = line.pop("object", None)
         if isinstance(reference, dict):
             line["object"] = {k: v for k, v in reference.items() if v is not None}
-        return json.dumps(line, ensure_ascii=False, default=str)
-
-
-def configure_json_logging(stream: TextIO | None = None) -> logging.Handler:
-    """Send every logger that exists now (and its children, later ones too) to one JSON handler
-    on `stream` (default: stderr), and no longer to the root logger's handlers."""
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter())
-    existing = {name.partition(".")[0] for name in logging.Logger.manager.loggerDict}
-    for name in sorted(existing | set(OWN_LOGGERS)):
-        logger = logging.getLogger(name)
-        logger.handlers[:] = [h for h in logger.handlers if not _is_json_handler(h)]
-        logger.addHandler(handler)
-        logger.propagate = False
-    return handler
-
-
-def _is_json_handler(handler: logging.Handler) -> bool:
-    return isinstance(handler.formatter, JsonFormatter)
+        return line

@@ -126,6 +126,7 @@ def run(
     """
     import os
 
+    from melange.cli.logs import JsonFormatter
     from melange.controller import metrics
     from melange.controller.kube.runner import (
         CredentialsError,
@@ -136,11 +137,6 @@ def run(
     )
     from melange.controller.settings import RunSettings, Settings
     from melange.controller.urls import parse_prefix
-
-    if log_format == "json":
-        from melange.cli.logs import configure_json_logging
-
-        configure_json_logging()
 
     require_finite({"--resync-seconds": resync_seconds})  # NaN passes FloatRange
     bad = [name for name in cluster_scoped if "." not in name.strip(".")]
@@ -196,6 +192,7 @@ def run(
             verbose=verbose,
             settings=settings,
             credentials=credentials,
+            log_formatter=JsonFormatter() if log_format == "json" else None,
         )
     except ProbeError as exc:
         fail([str(exc)], 2)

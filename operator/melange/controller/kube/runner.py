@@ -124,14 +124,22 @@ def run_operator(
     verbose: bool,
     settings: RunSettings,
     credentials: Credentials,
+    log_formatter: logging.Formatter | None = None,
 ) -> None:
-    """Run the operator until SIGINT/SIGTERM, logging in plain text (more with `verbose`).
+    """Run the operator until SIGINT/SIGTERM, logging in plain text, or with `log_formatter` (JSON
+    lines), more with `verbose`.
 
     Kopf runs standalone: the controller's own Lease decides which replica writes, and every
     replica keeps its watch of allocations warm for a fast takeover. The probes are served from
     before Kopf starts, so that a replica waiting for the API server is alive but not ready.
     """
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
+    kopf.configure(
+        verbose=verbose,
+        log_format=kopf.LogFormat.PLAIN if log_formatter is None else kopf.LogFormat.JSON,
+        log_refkey="object",
+    )
+    if log_formatter is not None:
+        logging.getLogger().handlers[-1].setFormatter(log_formatter)  # Kopf's, added last
     health = Health()
 
     async def main() -> None:
