@@ -9,7 +9,8 @@ allocation at once and measures:
 - the time until every allocation is Ready, against this client's own time to create them;
 - the operator's resident memory (VmRSS) once all are Ready;
 - its API requests per second over `--window` seconds once steady, from the audit log, against the
-  floor of the design (each pool read once per resync interval, the Lease renewed every 2 s).
+  floor of the design (each pool read once per resync interval, the allocations listed once per
+  namespace and resync interval to check the watch's view, the Lease renewed every 2 s).
 It also checks what the tests check: every pool at its plan, nothing patched while steady.
 """
 
@@ -50,10 +51,10 @@ def main() -> int:
             ready_timeout=1800.0,
         )
     print(result.report(args.resync))
-    floor = 2 * result.allocations / args.resync + 2 / LEASE_RENEW_SECONDS
+    floor = (2 * result.allocations + args.namespaces) / args.resync + 2 / LEASE_RENEW_SECONDS
     print(
-        f"  floor of the design:       {floor:.1f}/s (2 pool reads per allocation per resync, "
-        "a Lease read and renewal every 2 s)"
+        f"  floor of the design:       {floor:.1f}/s (2 pool reads per allocation and a LIST of "
+        "the allocations per namespace per resync, a Lease read and renewal every 2 s)"
     )
     if result.not_at_plan or result.pool_writes_while_steady:
         print(f"WRONG: not at the plan: {result.not_at_plan[:10]}; ", end="")
