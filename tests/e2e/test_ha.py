@@ -137,6 +137,9 @@ def test_a_paused_leader_writes_nothing_after_losing_the_lease(
     kube: Kube, namespace: str, replicas: tuple[OperatorProcess, OperatorProcess]
 ) -> None:
     a, _ = replicas
+    # the first reconcile's Events are posted after its status (which the fixture waited for):
+    # pause only once they are done, or one in flight lands after the pause
+    eventually(lambda: _assert(_quiet_for(a, 1.5)), timeout=20)
 
     a.pause()  # a stalled process: it cannot renew, and it does not know
     paused = time.time()
@@ -156,3 +159,9 @@ def test_a_paused_leader_writes_nothing_after_losing_the_lease(
 
 def _assert(value: bool) -> None:
     assert value
+
+
+def _quiet_for(operator: OperatorProcess, seconds: float) -> bool:
+    """No write but the Lease's for `seconds`."""
+    writes = _writes_after(operator.writes(), 0.0)
+    return not writes or time.time() - max(_time(w["stageTimestamp"]) for w in writes) >= seconds
