@@ -132,7 +132,9 @@ def test_a_forbidden_pool_is_reported_once_retried_slowly_and_the_others_scaled(
             timeout=3 * SCALE_RETRY_SECONDS,
         )
         # one Warning Event for the change of Ready, not one per retry
-        warnings = [e for e in kube.events(namespace, "chat") if e["type"] == "Warning"]
+        warnings = [
+            e for e in kube.wait_events(namespace, "chat", "ScaleFailed") if e["type"] == "Warning"
+        ]
         assert [(e["reason"], e["message"]) for e in warnings] == [("ScaleFailed", message)]
 
         # granting the verb: the next retry gets through

@@ -229,6 +229,21 @@ class Kube:
             result = [e for e in result if e["involved_object"]["name"] == involved]
         return result
 
+    def wait_events(
+        self, namespace: str, involved: str, *wanted: str, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
+        """The Events of `involved` once one of each `wanted` reason is there. The operator posts
+        a reconcile's Events after its status and its pools, so a test that waited for those
+        waits for the Events too."""
+
+        def posted() -> list[dict[str, Any]]:
+            events = self.events(namespace, involved)
+            missing = set(wanted) - set(reasons(events))
+            assert not missing, f"no {sorted(missing)} Event for {namespace}/{involved} yet"
+            return events
+
+        return eventually(posted, timeout=timeout)
+
     def table(self, namespace: str) -> dict[str, Any]:
         """What `kubectl get mla` shows: the server-side Table with the CRD's printer columns."""
         response = self.dynamic.request(

@@ -109,7 +109,11 @@ def test_refits_the_distribution_and_resolves_when_its_shape_moves(
     long = eventually(lambda: at_distribution(kube, namespace, LONG_ROWS), timeout=90)
     assert pool_replicas(kube, namespace) != short_pools
     assert long["solvedRate"] == pytest.approx(short["solvedRate"], rel=2 * TOLERANCE)
-    drift = [e for e in kube.events(namespace, "chat") if e["reason"] == "DistributionDrift"]
+    drift = [
+        e
+        for e in kube.wait_events(namespace, "chat", "DistributionDrift")
+        if e["reason"] == "DistributionDrift"
+    ]
     assert drift
     assert "moved between buckets" in drift[-1]["message"]
     assert "input 1000-16000" in " ".join(e["message"] for e in drift)

@@ -138,12 +138,16 @@ def test_reconciles_every_kind_of_node_pool(
     assert status["gpuTypes"] == 2
     for bucket in status["routing"]:
         assert sum(s["fraction"] for s in bucket["shares"]) == pytest.approx(1.0)
-    scaled = [e for e in kube.events(namespace, "chat") if e["reason"] == "Scaled"]
-    assert sorted(e["message"] for e in scaled) == [
-        "Deployment/pool-l4 (L4): 5 -> 2 (Create)",
-        "MachineDeployment/pool-a100 (A100): 5 -> 1 (Create)",
-        "NodePool/pool-h100 (H100): 5 -> 0 (Create)",
-    ]
+
+    def scaled_once_each() -> None:  # the Events come after the status
+        scaled = [e for e in kube.events(namespace, "chat") if e["reason"] == "Scaled"]
+        assert sorted(e["message"] for e in scaled) == [
+            "Deployment/pool-l4 (L4): 5 -> 2 (Create)",
+            "MachineDeployment/pool-a100 (A100): 5 -> 1 (Create)",
+            "NodePool/pool-h100 (H100): 5 -> 0 (Create)",
+        ]
+
+    eventually(scaled_once_each, timeout=30)
 
     table = kube.table(namespace)
     columns = [c["name"] for c in table["columnDefinitions"]]
@@ -239,7 +243,9 @@ def test_an_allocation_stored_before_a_stricter_crd_sets_condition_and_touches_n
         condition["message"]
         == "spec.workload.distribution: must have a positive sum when totalRate > 0"
     )
-    warnings = [e for e in kube.events(namespace, "bad") if e["type"] == "Warning"]
+    warnings = [
+        e for e in kube.wait_events(namespace, "bad", "InvalidSpec") if e["type"] == "Warning"
+    ]
     assert reasons(warnings) == ["InvalidSpec"]
     assert pool_versions(kube, namespace) == versions
 
@@ -257,7 +263,7 @@ def test_infeasible_spec_sets_condition_and_touches_nothing(
     assert condition["message"].startswith(
         "the demand of 34 req/s does not fit within maxReplicas of L4"
     )
-    assert "Infeasible" in reasons(kube.events(namespace, "capped"))
+    kube.wait_events(namespace, "capped", "Infeasible")
     assert pool_versions(kube, namespace) == versions
 
 

@@ -50,7 +50,11 @@ def test_an_outside_change_is_set_back_within_one_interval(
     kube.merge_patch(Kinds.deployment, "pool-l4", namespace, {"spec": {"replicas": 9}})
     eventually(lambda: _equal(pool_replicas(kube, namespace), planned), timeout=2 * RESYNC + 10)
 
-    events = [e for e in kube.events(namespace, "chat") if e["reason"] == "OutsideChange"]
+    events = [
+        e
+        for e in kube.wait_events(namespace, "chat", "OutsideChange")
+        if e["reason"] == "OutsideChange"
+    ]
     assert len(events) == 1
     assert events[0]["type"] == "Warning"
     assert events[0]["message"] == (
@@ -128,7 +132,9 @@ def test_a_second_allocation_on_the_same_pools_patches_nothing(
         f"{namespace}/first"
     )
     assert condition["message"].endswith("nothing was patched")
-    warnings = [e for e in kube.events(namespace, "second") if e["type"] == "Warning"]
+    warnings = [
+        e for e in kube.wait_events(namespace, "second", "TargetConflict") if e["type"] == "Warning"
+    ]
     assert reasons(warnings) == ["TargetConflict"]
     # several intervals: the pools never flap between the two plans
     eventually(lambda: _equal(_reconciles(operator, "second") >= 3, True), timeout=30)

@@ -117,7 +117,9 @@ def test_follows_the_rate_up_at_once_and_down_after_the_window(
     emitter.set_rate(2 * EMITTER_RATE)
     high = eventually(lambda: at_plan_near(kube, "chat", namespace, 2 * EMITTER_RATE), timeout=60)
     assert high != plan_for(EMITTER_RATE)
-    drift = [e for e in kube.events(namespace, "chat") if e["reason"] == "RateDrift"]
+    drift = [
+        e for e in kube.wait_events(namespace, "chat", "RateDrift") if e["reason"] == "RateDrift"
+    ]
     assert drift
     assert "re-solved for" in drift[0]["message"]
     values = metric_values(operator, namespace)
@@ -142,7 +144,7 @@ def test_follows_the_rate_up_at_once_and_down_after_the_window(
     eventually(lowered, timeout=90)
     # The last high observation came at most one interval before the step.
     assert changed_at[0] - stepped >= WINDOW - INTERVAL
-    assert "RateDrift" in reasons(kube.events(namespace, "chat"))
+    kube.wait_events(namespace, "chat", "RateDrift")
 
 
 def test_jitter_within_tolerance_patches_nothing(
@@ -200,7 +202,11 @@ def test_prometheus_down_keeps_the_plan_then_recovers(
     assert status_of(kube, "chat", namespace)["solvedRate"] == pytest.approx(
         EMITTER_RATE, rel=TOLERANCE
     )
-    events = [e for e in kube.events(namespace, "chat") if e["reason"] == "PrometheusUnavailable"]
+    events = [
+        e
+        for e in kube.wait_events(namespace, "chat", "PrometheusUnavailable")
+        if e["reason"] == "PrometheusUnavailable"
+    ]
     assert len(events) == 1  # one Event for the transition, not one per failed query
     assert events[0]["type"] == "Warning"
 

@@ -20,7 +20,7 @@ from kubernetes import client
 
 from tests.controlplane.harness import ControlPlane
 
-from .kube import Kinds, Kube, eventually, reasons
+from .kube import Kinds, Kube, eventually
 from .operator_process import RESYNC_SECONDS, OperatorProcess
 from .prometheus import MODEL, GaugeExporter, LoadEmitter, PrometheusServer
 
@@ -213,10 +213,10 @@ def test_a_type_without_capacity_is_capped_and_its_traffic_moves(
     eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 0}), timeout=30)
     status = kube.allocation("short", namespace)["status"]
     assert [c["name"] for c in status["gpuCaps"]] == ["B"]
-    assert "CapacityShort" in reasons(kube.events(namespace, "short"))
+    kube.wait_events(namespace, "short", "CapacityShort")
     # after the retry time B is asked for again (A stays until it is ready: make-before-break)
     eventually(lambda: _assert(counts(kube, namespace) == {"A": 4, "B": 1}), timeout=40)
-    assert "CapacityRetry" in reasons(kube.events(namespace, "short"))
+    kube.wait_events(namespace, "short", "CapacityRetry")
 
 
 def test_a_new_mix_that_saves_less_than_min_savings_patches_nothing(
@@ -299,7 +299,7 @@ def test_a_price_step_in_prometheus_re_solves_and_a_missing_price_holds(
         assert shown["B"]["costPerHour"] == 5.0
         assert shown["B"]["source"] == f"Prometheus {PRICE_QUERY}"
         assert shown["A"] == {"name": "A", "costPerHour": 1.0, "source": "spec"}
-        assert "PriceChange" in reasons(kube.events(namespace, "spot"))
+        kube.wait_events(namespace, "spot", "PriceChange")
 
         del exporter.values[PRICE_QUERY]  # the series goes stale: no price, the plan holds
         kube.wait_condition("spot", namespace, "PricesObserved", "False", "NoData", timeout=40)
