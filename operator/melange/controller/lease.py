@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -105,6 +106,11 @@ class LeaderElector:
         self._observed: Observed | None = None
         self._was_leading = False
         self._task: asyncio.Task[None] | None = None
+        # A round runs in a thread, which cancelling its task does not stop: once stopped, a
+        # round still in flight must not mark this replica as leading again.
+        self._stopped = False
+        self._lock = threading.Lock()
+        self._round: asyncio.Future[bool] | None = None  # the round in flight, if any
 
     def leading(self) -> bool:
         renewed = self._renewed_at
@@ -118,8 +124,16 @@ class LeaderElector:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self.leading():
+        if self._round is not None:
+            # let it land first, so the release is conditional on the version it wrote
+            await asyncio.wait({self._round}, timeout=self.timing.renew_deadline)
+            if self._round.done() and not self._round.cancelled():
+                self._round.exception()  # seen (a failure would only have been logged)
+        with self._lock:
+            self._stopped = True
+            held = self.leading()
             self._renewed_at = None
+        if held:
             self._notify()
             try:
                 await asyncio.to_thread(self._release)
@@ -141,8 +155,9 @@ class LeaderElector:
 
     async def _run(self) -> None:
         while True:
+            self._round = asyncio.ensure_future(asyncio.to_thread(self.try_acquire_or_renew))
             try:
-                await asyncio.to_thread(self.try_acquire_or_renew)
+                await asyncio.shield(self._round)  # a stop waits for it (`stop`), not cancels it
             except Exception as exc:
                 log.warning("Leader election: cannot reach the Lease: %s", exc)
             self._notify()
@@ -196,5 +211,7 @@ class LeaderElector:
             written = False
             self._renewed_at = None
         if written:
-            self._renewed_at = sent
+            with self._lock:
+                if not self._stopped:
+                    self._renewed_at = sent
         return written
