@@ -22,35 +22,40 @@ def claim(name: str, created: str, *targets: decide.TargetKey, namespace: str = 
     return Claim((namespace, name), created, targets)
 
 
+def conflicts(mine: Claim, claims: list[Claim]) -> list[tuple[decide.TargetKey, tuple[str, str]]]:
+    """What the ownership check finds for `mine` among `claims` (an index of them)."""
+    return decide.ClaimIndex.of(claims).conflicts(mine)
+
+
 def test_the_earliest_allocation_owns_a_target_whatever_the_order_seen() -> None:
     first = claim("first", "2026-01-01T00:00:00Z", POOL)
     later = claim("later", "2026-01-01T00:00:05Z", POOL)
-    assert decide.target_conflicts(later, [first, later]) == [(POOL, ("team-a", "first"))]
-    assert decide.target_conflicts(later, [later, first]) == [(POOL, ("team-a", "first"))]
-    assert decide.target_conflicts(first, [later, first]) == []
+    assert conflicts(later, [first, later]) == [(POOL, ("team-a", "first"))]
+    assert conflicts(later, [later, first]) == [(POOL, ("team-a", "first"))]
+    assert conflicts(first, [later, first]) == []
 
 
 def test_same_creation_time_is_decided_by_namespace_then_name() -> None:
     a = claim("a", "2026-01-01T00:00:00Z", POOL)
     b = claim("b", "2026-01-01T00:00:00Z", POOL)
-    assert decide.target_conflicts(b, [a]) == [(POOL, ("team-a", "a"))]
-    assert decide.target_conflicts(a, [b]) == []
+    assert conflicts(b, [a]) == [(POOL, ("team-a", "a"))]
+    assert conflicts(a, [b]) == []
 
 
 def test_a_cluster_scoped_target_is_shared_across_namespaces() -> None:
     nodepool = ("", "karpenter.sh", "NodePool", "gpu-h100")
     mine = claim("chat", "2026-01-01T00:00:09Z", nodepool, namespace="team-b")
     other = claim("chat", "2026-01-01T00:00:01Z", nodepool, namespace="team-a")
-    conflicts = decide.target_conflicts(mine, [other])
-    assert conflicts == [(nodepool, ("team-a", "chat"))]
-    message = decide.conflict_condition(conflicts).message
+    found = conflicts(mine, [other])
+    assert found == [(nodepool, ("team-a", "chat"))]
+    message = decide.conflict_condition(found).message
     assert message.startswith("NodePool/gpu-h100 (cluster-scoped) belongs to MelangeAllocation")
 
 
 def test_different_targets_do_not_conflict() -> None:
     other = ("team-a", "apps", "Deployment", "pool-a100")
     assert (
-        decide.target_conflicts(
+        conflicts(
             claim("b", "2026-01-02T00:00:00Z", POOL), [claim("a", "2026-01-01T00:00:00Z", other)]
         )
         == []

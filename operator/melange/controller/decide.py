@@ -353,11 +353,6 @@ class ClaimIndex:
         ]
 
 
-def target_conflicts(mine: Claim, claims: Sequence[Claim]) -> list[tuple[TargetKey, AllocationKey]]:
-    """The targets of `mine` that an earlier allocation in `claims` already claims."""
-    return ClaimIndex.of(claims).conflicts(mine)
-
-
 def describe_target(target: TargetKey) -> str:
     namespace, _, kind, name = target
     return f"{kind}/{name}" + (f" in namespace {namespace}" if namespace else " (cluster-scoped)")
