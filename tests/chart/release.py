@@ -23,7 +23,7 @@ from kubernetes import client
 
 from tests.controlplane.harness import ControlPlane
 from tests.e2e.kube import Kube
-from tests.e2e.operator_process import MELANGE, terminate, wait_healthy
+from tests.e2e.operator_process import MELANGE, LoggedProcess, wait_healthy
 
 from .helm import CHART, helm, values_args
 
@@ -142,25 +142,7 @@ def pod_args(deployment: Mapping[str, Any], env: Mapping[str, str]) -> list[str]
     ]
 
 
-class _LoggedProcess:
-    """A process started by a test, its output in `log_path`."""
-
-    log_path: Path
-    process: subprocess.Popen[bytes] | None = None
-    _log: IO[bytes] | None = None
-
-    def stop(self) -> None:
-        terminate(self.process)
-        self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-class OperatorRun(_LoggedProcess):
+class OperatorRun(LoggedProcess):
     """The chart's `melange run ...` as one pod of its Deployment runs it, but out of cluster: the
     Deployment's arguments, POD_NAME and POD_NAMESPACE as the downward API sets them, plus
     `--kubeconfig` and loopback ports for the probe and the metrics."""
@@ -203,7 +185,7 @@ class OperatorRun(_LoggedProcess):
         wait_healthy(self.process, f"http://127.0.0.1:{health}/healthz", self.log)
 
 
-class RouterRun(_LoggedProcess):
+class RouterRun(LoggedProcess):
     """The chart's `melange route ...` as one pod of the router's Deployment runs it, but out of
     cluster: the Deployment's command and arguments, with a loopback address and a free port
     instead of 0.0.0.0:8080, and KUBECONFIG holding the router ServiceAccount's token."""

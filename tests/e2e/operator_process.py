@@ -30,6 +30,24 @@ def terminate(process: subprocess.Popen[bytes] | None, timeout: float = 20) -> N
         process.wait()
 
 
+class LoggedProcess:
+    """A process started by a test, its output in `log_path`."""
+
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    _log: IO[bytes] | None = None
+
+    def stop(self) -> None:
+        terminate(self.process)
+        self.process = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
 def wait_healthy(process: subprocess.Popen[bytes], url: str, log: Callable[[], str]) -> None:
     """Poll the liveness endpoint until it answers 200; fail at once if the process exits."""
 
@@ -54,7 +72,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class OperatorProcess:
+class OperatorProcess(LoggedProcess):
     """`melange run` as a user starts it, watching one namespace, with its log kept for failures."""
 
     def __init__(
@@ -74,7 +92,7 @@ class OperatorProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self.metrics_url = ""
-        self._log_file: IO[bytes] | None = None
+        self._log: IO[bytes] | None = None
 
     def start(self) -> None:
         port, metrics_port = _free_port(), _free_port()
@@ -83,7 +101,7 @@ class OperatorProcess:
         with self.log_path.open("a") as marker:
             marker.write(f"\n=== start {self.starts} ===\n")
         log = self.log_path.open("ab")  # the child's; closed in stop()
-        self._log_file = log
+        self._log = log
         self.process = subprocess.Popen(
             [
                 MELANGE,
@@ -119,13 +137,6 @@ class OperatorProcess:
             e for e in self.control_plane.audit_events() if e.get("userAgent") == self.user_agent
         ]
 
-    def stop(self) -> None:
-        terminate(self.process)
-        self.process = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-
     def kill(self) -> None:
         """SIGKILL: no clean-up, no Lease release, as a node failure would."""
         assert self.process is not None
@@ -159,5 +170,4 @@ class OperatorProcess:
 
     def log(self, since_start: int = 1) -> str:
         """The log written since the given start (1 = all of it)."""
-        text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return text.split(f"=== start {since_start} ===", 1)[-1]
+        return super().log().split(f"=== start {since_start} ===", 1)[-1]

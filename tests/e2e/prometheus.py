@@ -34,7 +34,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import IO, Any
 
-from tests.e2e.operator_process import terminate
+from tests.e2e.operator_process import LoggedProcess
 
 REPO = Path(__file__).parents[2]
 SCRAPE_INTERVAL_SECONDS = 1
@@ -106,7 +106,7 @@ def _wait(probe: Any, what: str, timeout: float = 30.0) -> Any:
         time.sleep(0.1)
 
 
-class PrometheusServer:
+class PrometheusServer(LoggedProcess):
     def __init__(
         self,
         workdir: Path,
@@ -162,11 +162,7 @@ class PrometheusServer:
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.resume()
-        terminate(self.process)
-        self.process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        super().stop()
 
     def pause(self) -> None:
         """Freeze it: connections are still accepted by the kernel, but nothing answers."""
@@ -190,9 +186,6 @@ class PrometheusServer:
 
     def wait_for_value(self, promql: str, timeout: float = 30.0) -> float:
         return float(_wait(lambda: self.value(promql), f"a value for {promql}", timeout))
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
 class GaugeExporter:
